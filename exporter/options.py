@@ -1,0 +1,73 @@
+"""Options of every stage as dataclasses: the CLI fills them, the pipeline passes them on, tests build them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .onnx_export import DEFAULT_OPSET
+
+
+@dataclass
+class NmsOptions:
+    """The NMS tail appended to the graph (nms_tail.py)."""
+
+    mode: str = "none"  # none | efficient | onnx
+    conf: float = 0.25
+    iou: float = 0.45
+    topk: int = 100  # max detections per image (K)
+    agnostic: bool = False
+    best_class: bool = False  # onnx tail only: one label per box, like the official non_max_suppression
+
+
+@dataclass
+class CalibOptions:
+    """INT8 calibration (precision/int8.py)."""
+
+    source: Path | None = None  # folder, list file or COCO json
+    num_images: int = 512
+    method: str = "entropy"  # entropy | max | percentile
+    cache: Path | None = None
+    max_drop: float | None = None  # --int8-max-drop (AP points, mAP50-95 x 100)
+    eval_data: Path | None = None  # labelled set for --int8-max-drop (defaults to the calibration source)
+
+
+@dataclass
+class TrtOptions:
+    """TensorRT engine build (trt_build.py)."""
+
+    enabled: bool = False
+    workspace_gib: float | None = None
+    opt_level: int | None = None
+    timing_cache: Path | None = None
+    version_compatible: bool = False
+    hardware_compat: str | None = None  # None | 'ampere+'
+    opt_batch: int | None = None
+    max_batch: int | None = None
+
+
+@dataclass
+class CheckOptions:
+    """--check: run the harness on what was just made (check/)."""
+
+    enabled: bool = False
+    data: Path | None = None
+    max_map_drop: float | None = None
+    max_latency_ms: float | None = None
+    min_parity_cos: float | None = None
+
+
+@dataclass
+class ExportOptions:
+    checkpoint: Path
+    out_dir: Path = Path("out")
+    imgsz: tuple[int, int] | None = None  # None: from the checkpoint (640, or 1280 for P6)
+    batch: int = 1
+    dynamic_batch: bool = False
+    opset: int = DEFAULT_OPSET
+    simplify: bool = True
+    precision: str = "fp32"  # fp32 | fp16 | int8
+    nms: NmsOptions = field(default_factory=NmsOptions)
+    calib: CalibOptions = field(default_factory=CalibOptions)
+    trt: TrtOptions = field(default_factory=TrtOptions)
+    check: CheckOptions = field(default_factory=CheckOptions)
+    triton: Path | None = None

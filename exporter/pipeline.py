@@ -1,0 +1,142 @@
+"""The whole job, one stage after the other: load -> fuse -> export -> precision -> NMS tail -> build -> check.
+
+Each stage is a function in its own module; this file only orders them, names the files and keeps the
+manifest. Later stages are imported lazily so that e.g. a plain ONNX export never imports TensorRT.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx
+
+from runtimes.contract import ModelInfo
+
+from . import __version__
+from .artifacts import Manifest, write_bytes_atomic
+from .checkpoint import Checkpoint, load_checkpoint
+from .errors import UserError
+from .fuse import fuse_model
+from .model import YoloModel, build_model
+from .onnx_export import ExportConfig, check_image_size, export_onnx, finalize
+from .options import ExportOptions
+
+log = logging.getLogger("yolo7_export")
+
+
+@dataclass
+class PipelineResult:
+    onnx_path: Path
+    manifest_path: Path
+    engine_path: Path | None = None
+    info: ModelInfo | None = None
+    reports: dict = field(default_factory=dict)
+
+
+def default_imgsz(ckpt: Checkpoint) -> tuple[int, int]:
+    """The official defaults: 640 for P5 models, 1280 for P6 (four detection levels)."""
+    side = 1280 if len(ckpt.stride) == 4 else 640
+    return side, side
+
+
+def load_fused(checkpoint: Path) -> tuple[Checkpoint, YoloModel]:
+    """Stages 1-2 (also used by the PyTorch runtime and the check harness)."""
+    ckpt = load_checkpoint(checkpoint)
+    model = build_model(ckpt)
+    report = fuse_model(model)
+    log.info("fused: %d conv+bn, %d RepConv, %d implicit heads, %d aux layers removed",
+             report.conv_bn, report.repconv, report.implicit_heads, report.aux_layers_removed)
+    return ckpt, model
+
+
+def artifact_stem(opts: ExportOptions) -> str:
+    """<checkpoint stem>[.fp16|.int8]: one name per precision, so runs side by side don't collide."""
+    stem = opts.checkpoint.stem
+    return stem if opts.precision == "fp32" else f"{stem}.{opts.precision}"
+
+
+def resolve_nms_mode(opts: ExportOptions) -> str:
+    """'auto': EfficientNMS_TRT when an engine is built, raw output otherwise (runs in any ONNX runtime)."""
+    if opts.nms.mode == "auto":
+        return "efficient" if opts.trt.enabled else "none"
+    return opts.nms.mode
+
+
+def run(opts: ExportOptions) -> PipelineResult:
+    t0 = time.perf_counter()
+    opts.nms.mode = resolve_nms_mode(opts)
+    ckpt, model = load_fused(opts.checkpoint)
+    imgsz = check_image_size(opts.imgsz or default_imgsz(ckpt), ckpt.max_stride)
+    info = ModelInfo(names=ckpt.names, stride=ckpt.stride, imgsz=imgsz, nms="none", precision="fp32",
+                     batch=None if opts.dynamic_batch else opts.batch, source_sha256=ckpt.sha256,
+                     tool_version=__version__)
+    cfg = ExportConfig(imgsz=imgsz, batch=opts.batch, dynamic_batch=opts.dynamic_batch, opset=opts.opset,
+                       simplify=opts.simplify)
+    log.info("exporting %s (%d classes, strides %s) at %dx%d", opts.checkpoint.name, ckpt.nc,
+             [int(s) for s in ckpt.stride], *imgsz)
+    proto = export_onnx(model, info, cfg)
+    manifest = Manifest(input_path=str(opts.checkpoint), input_sha256=ckpt.sha256, flags=_flags(opts))
+    reports: dict = {}
+
+    proto = _apply_precision(proto, info, opts, reports)
+    if opts.nms.mode != "none":
+        from .nms_tail import append_nms
+
+        proto = append_nms(proto, opts.nms)
+        info.nms, info.nms_params = opts.nms.mode, asdict(opts.nms)
+    proto = finalize(proto, info)
+
+    out_dir = Path(opts.out_dir)
+    onnx_path = out_dir / f"{artifact_stem(opts)}.onnx"
+    write_bytes_atomic(onnx_path, proto.SerializeToString())
+    manifest.add_output(onnx_path, "onnx", precision=info.precision, nms=info.nms, nodes=len(proto.graph.node))
+    log.info("wrote %s (%d nodes, %.1f MB)", onnx_path, len(proto.graph.node), onnx_path.stat().st_size / 1e6)
+    result = PipelineResult(onnx_path=onnx_path, manifest_path=out_dir / "manifest.json", info=info, reports=reports)
+
+    if opts.trt.enabled:
+        from .trt_build import build_engine
+
+        engine_path = onnx_path.with_suffix(".engine")
+        build = build_engine(onnx_path, engine_path, info, opts.trt, batch=opts.batch, dynamic=opts.dynamic_batch)
+        manifest.add_output(engine_path, "tensorrt_engine", precision=info.precision)
+        manifest.add_output(build.sidecar_path, "engine_sidecar")
+        manifest.extra["trtexec"] = build.trtexec_command
+        result.engine_path = engine_path
+    if opts.triton:
+        from .triton import write_triton_repository
+
+        repo = write_triton_repository(opts.triton, result.engine_path or onnx_path, info)
+        manifest.extra["triton_repository"] = str(repo)
+    manifest.extra["reports"] = reports
+    manifest.extra["seconds"] = round(time.perf_counter() - t0, 2)
+    result.manifest_path = manifest.write(out_dir)
+    if opts.check.enabled:
+        from .check.harness import check_after_export
+
+        result.reports["check"] = check_after_export(opts, result)
+    return result
+
+
+def _apply_precision(proto: onnx.ModelProto, info: ModelInfo, opts: ExportOptions, reports: dict) -> onnx.ModelProto:
+    """FP16 casts or INT8 Q/DQ written into the raw graph (before the NMS tail, which stays FP32)."""
+    if opts.precision == "fp32":
+        return proto
+    if opts.precision == "fp16":
+        from .precision.fp16 import convert_fp16
+
+        proto = convert_fp16(proto)
+    elif opts.precision == "int8":
+        from .precision.int8 import quantize_int8
+
+        proto, reports["int8"] = quantize_int8(proto, info, opts.calib)
+    else:
+        raise UserError(f"unknown precision {opts.precision!r}")
+    info.precision = opts.precision
+    return proto
+
+
+def _flags(opts: ExportOptions) -> dict:
+    flags = asdict(opts)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()}

@@ -1,0 +1,151 @@
+"""One face for every backend (PyTorch, ONNX Runtime, TensorRT), in the spirit of Polygraphy's runners.
+
+A ``Backend`` runs a preprocessed batch and returns the contract's named outputs (raw access, for parity
+checks). A ``Detector`` wraps a backend with the shared preprocessing, NMS (for raw-output artifacts) and
+the mapping of boxes back to the original images.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .contract import NMS_OUTPUTS, RAW_OUTPUT, ModelInfo
+from .preprocess import Letterbox, preprocess, scale_boxes
+
+
+@dataclass
+class Detections:
+    """Detections of one image, boxes in original-image pixels (x1, y1, x2, y2)."""
+
+    boxes: np.ndarray  # [n, 4] float32
+    scores: np.ndarray  # [n] float32
+    classes: np.ndarray  # [n] int32
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @classmethod
+    def empty(cls) -> "Detections":
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32))
+
+    def to_list(self, names: list[str]) -> list[dict]:
+        return [{"box": [round(float(v), 2) for v in b], "score": round(float(s), 5), "class_id": int(c),
+                 "class_name": names[int(c)] if 0 <= int(c) < len(names) else str(int(c))}
+                for b, s, c in zip(self.boxes, self.scores, self.classes)]
+
+
+class Backend(ABC):
+    """Runs a preprocessed float32 batch [B,3,H,W]; returns outputs by contract name."""
+
+    name: str = "backend"
+    info: ModelInfo
+
+    @abstractmethod
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        ...
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the artifact requires, or None if any batch size works."""
+        return self.info.batch
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "precision": self.info.precision, "nms": self.info.nms}
+
+
+@dataclass
+class DetectConfig:
+    """NMS settings used when the artifact outputs raw predictions (an in-graph NMS has its own)."""
+
+    conf: float = 0.25
+    iou: float = 0.45
+    max_det: int = 300
+    multi_label: bool = False
+    agnostic: bool = False
+
+
+def open_backend(path: str | Path, device: str = "cpu", **kwargs) -> Backend:
+    """Pick the backend from the file: .pt/.pth -> PyTorch, .onnx -> ONNX Runtime, .engine/.plan -> TensorRT."""
+    from exporter.errors import UserError
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.exists():
+        raise UserError(f"artifact not found: {path}")
+    if suffix in (".pt", ".pth"):
+        from .torch_backend import TorchBackend
+
+        return TorchBackend(path, device=device, **kwargs)
+    if suffix == ".onnx":
+        from .onnx_backend import OnnxBackend
+
+        return OnnxBackend(path, device=device, **kwargs)
+    if suffix in (".engine", ".plan", ".trt"):
+        from .trt_backend import TrtBackend
+
+        return TrtBackend(path, **kwargs)
+    raise UserError(f"don't know how to run '{path.name}': expected a .pt checkpoint, .onnx, or .engine/.plan")
+
+
+class Detector:
+    """images in, detections out; the same steps whatever the backend."""
+
+    def __init__(self, backend: Backend, config: DetectConfig | None = None):
+        self.backend = backend
+        self.config = config or DetectConfig()
+
+    @classmethod
+    def from_path(cls, path: str | Path, config: DetectConfig | None = None, device: str = "cpu", **kwargs) -> "Detector":
+        return cls(open_backend(path, device=device, **kwargs), config)
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.backend.info
+
+    def detect(self, images_bgr: list[np.ndarray]) -> list[Detections]:
+        """OpenCV BGR images (any sizes) -> detections in each image's own pixels."""
+        batch, boxes = preprocess(images_bgr, self.info.imgsz)
+        return self.detect_batch(batch, boxes)
+
+    def detect_batch(self, batch: np.ndarray, letterboxes: list[Letterbox]) -> list[Detections]:
+        outputs = self.run(batch)
+        return [self._scale(d, lb) for d, lb in zip(self.postprocess(outputs), letterboxes)]
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Backend inference, split into the artifact's fixed batch size where it has one."""
+        fixed = self.backend.fixed_batch
+        if not fixed or fixed == len(batch):
+            return self.backend.infer(batch)
+        parts = []
+        for start in range(0, len(batch), fixed):
+            chunk = batch[start:start + fixed]
+            n = len(chunk)
+            if n < fixed:  # pad the last chunk; padded rows are dropped below
+                chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), chunk.dtype)])
+            parts.append({k: v[:n] for k, v in self.backend.infer(chunk).items()})
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def postprocess(self, outputs: dict[str, np.ndarray]) -> list[Detections]:
+        """Contract outputs -> per-image detections in network-input pixels."""
+        if all(k in outputs for k in NMS_OUTPUTS):
+            num, boxes, scores, classes = (outputs[k] for k in NMS_OUTPUTS)
+            result = []
+            for i in range(len(num)):
+                n = int(num[i].reshape(-1)[0])
+                result.append(Detections(boxes[i, :n].astype(np.float32), scores[i, :n].astype(np.float32),
+                                         classes[i, :n].astype(np.int32)))
+            return result
+        from .nms_reference import non_max_suppression
+
+        c = self.config
+        dets = non_max_suppression(outputs[RAW_OUTPUT], conf=c.conf, iou=c.iou, multi_label=c.multi_label,
+                                   agnostic=c.agnostic, max_det=c.max_det)
+        return [Detections(d[:, :4].astype(np.float32), d[:, 4].astype(np.float32), d[:, 5].astype(np.int32))
+                for d in dets]
+
+    @staticmethod
+    def _scale(d: Detections, lb: Letterbox) -> Detections:
+        return Detections(scale_boxes(d.boxes, lb), d.scores, d.classes)

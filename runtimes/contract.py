@@ -1,0 +1,55 @@
+"""The IO contract every artifact of ours honours: tensor names, layouts and ONNX metadata keys.
+
+The exporter writes it, runtimes/ read it, the check harness relies on it: change it here only.
+
+Raw graph (``--nms none``):
+    images  float32 [B,3,H,W]   RGB, 0..1, letterboxed (runtimes/preprocess.py)
+    output  float32 [B,N,5+nc]  cx, cy, w, h (input pixels), objectness, class probabilities
+End-to-end graph (``--nms efficient|onnx``):
+    num_dets int32 [B,1]; det_boxes float32 [B,K,4] (x1,y1,x2,y2 input pixels);
+    det_scores float32 [B,K]; det_classes int32 [B,K]; rows past num_dets are zero.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+INPUT_NAME = "images"
+RAW_OUTPUT = "output"
+NMS_OUTPUTS = ("num_dets", "det_boxes", "det_scores", "det_classes")
+NMS_MODES = ("none", "efficient", "onnx")
+PRECISIONS = ("fp32", "fp16", "int8")
+META_PREFIX = "yolo7_export."
+
+
+@dataclass
+class ModelInfo:
+    """What a runtime needs to know about an artifact, stored as ONNX metadata (and engine sidecars)."""
+
+    names: list[str]
+    stride: list[float]
+    imgsz: tuple[int, int]  # (H, W) of the network input
+    nms: str = "none"
+    precision: str = "fp32"
+    batch: int | None = 1  # None: dynamic batch
+    source_sha256: str = ""
+    tool_version: str = ""
+    nms_params: dict = field(default_factory=dict)  # conf, iou, topk, agnostic, best_class
+
+    @property
+    def nc(self) -> int:
+        return len(self.names)
+
+    def to_metadata(self) -> dict[str, str]:
+        """Flat string dict (ONNX metadata_props only hold strings); values are JSON."""
+        return {META_PREFIX + k: json.dumps(v, sort_keys=True) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_metadata(cls, props: dict[str, str]) -> "ModelInfo":
+        """Inverse of to_metadata; raises KeyError/ValueError if the metadata is not ours."""
+        values = {k[len(META_PREFIX):]: json.loads(v) for k, v in props.items() if k.startswith(META_PREFIX)}
+        if "names" not in values or "imgsz" not in values:
+            raise KeyError("no yolo7-export metadata")
+        known = {k: values[k] for k in cls.__dataclass_fields__ if k in values}
+        known["imgsz"] = tuple(known["imgsz"])
+        return cls(**known)
