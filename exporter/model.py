@@ -181,14 +181,17 @@ def build_model(ckpt: Checkpoint) -> YoloModel:
         raise UserError(f"yaml head '{type(model.head).__name__}' does not match the pickled head '{ckpt.head_type}'")
     state = {k: v for k, v in ckpt.state_dict.items() if not k.endswith(".anchors")}
     _adapt_layout(model, state)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         sample = (missing or unexpected)[:3]
         raise UserError(f"checkpoint weights do not fit the architecture in its yaml ({len(missing)} missing, "
                         f"{len(unexpected)} unexpected tensors, e.g. {sample})")
-    for key, tensor in model.state_dict().items():
+    for key, tensor in expected.items():
         if key in state and tuple(tensor.shape) != tuple(state[key].shape):
-            raise UserError(f"tensor {key} has shape {tuple(state[key].shape)}, the yaml expects {tuple(tensor.shape)}")
+            raise UserError(f"checkpoint weights do not fit the architecture in its yaml: {key} has shape "
+                            f"{tuple(state[key].shape)}, the yaml expects {tuple(tensor.shape)}")
+    model.load_state_dict(state, strict=False)
     model.names = list(ckpt.names)
     return model.float().eval()

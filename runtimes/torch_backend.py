@@ -1,0 +1,75 @@
+"""PyTorch backend: the checkpoint rebuilt with our own modules (the reference every artifact is checked against).
+
+Loading goes through the exporter's safe loader, so running a ``.pt`` here executes nothing from its pickle.
+``fuse=True`` runs the deploy graph that gets exported; ``fuse=False`` keeps BatchNorm, RepConv branches and
+implicit layers, to check that fusing did not change the function.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .base import Backend
+from .contract import RAW_OUTPUT, ModelInfo
+
+
+class TorchBackend(Backend):
+    """Runs a YOLOv7 checkpoint in PyTorch; any batch size, raw ``output`` [B,N,5+nc]."""
+
+    name = "pytorch"
+
+    def __init__(self, path: str | Path, device: str = "cpu", fuse: bool = True, half: bool = False,
+                 imgsz: tuple[int, int] | None = None):
+        import torch
+
+        from exporter.checkpoint import load_checkpoint
+        from exporter.errors import UserError
+        from exporter.model import build_model
+        from exporter.onnx_export import check_image_size
+        from exporter.pipeline import default_imgsz, load_fused
+
+        self.device = _torch_device(device)
+        if half and self.device.type != "cuda":
+            raise UserError("half precision (FP16) in PyTorch needs --device cuda; on CPU run in FP32")
+        if fuse:
+            ckpt, model = load_fused(Path(path))
+        else:
+            ckpt = load_checkpoint(Path(path))
+            model = build_model(ckpt)
+        size = check_image_size(tuple(imgsz) if imgsz else default_imgsz(ckpt), ckpt.max_stride)
+        self.half = half
+        self.model = model.to(self.device).eval()
+        if half:
+            self.model.half()
+        self.info = ModelInfo(names=list(ckpt.names), stride=list(ckpt.stride), imgsz=size, nms="none",
+                              precision="fp16" if half else "fp32", batch=None, source_sha256=ckpt.sha256)
+
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+        if self.half:
+            x = x.half()
+        with torch.inference_mode():
+            out = self.model(x)
+        return {RAW_OUTPUT: out.float().cpu().numpy()}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "device": str(self.device)}
+
+
+def _torch_device(device: str):
+    """'cpu', 'cuda' or 'cuda:N'; a clear error when CUDA was asked for but torch has none."""
+    import torch
+
+    from exporter.errors import UserError
+
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: this PyTorch has no usable CUDA GPU "
+                            f"(torch {torch.__version__}); use --device cpu")
+        return torch.device(device)
+    raise UserError(f"unknown device {device!r}: use cpu or cuda")

@@ -1,0 +1,33 @@
+"""Shared test data locations. Tests never read ../shared: everything they need is in tests/data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DATA = Path(__file__).parent / "data"
+OFFICIAL = DATA / "official"
+TRAINED = DATA / "yolov7-tiny-shapes.pt"
+SHAPES = DATA / "shapes"
+OFFICIAL_NAMES = sorted(p.stem for p in OFFICIAL.glob("*.pt"))
+
+
+def official_reference(name: str) -> dict:
+    """The official code's outputs for a fixture: input image, unfused/fused outputs, NMS result, meta."""
+    with np.load(OFFICIAL / f"{name}.npz") as d:
+        ref = {k: d[k] for k in d.files}
+    ref["meta"] = json.loads(str(ref["meta"]))
+    ref["input"] = ref["image_u8"].astype(np.float32) / 255.0
+    return ref
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt() -> Path:
+    return TRAINED
+
+
+@pytest.fixture(scope="session")
+def shapes_dir() -> Path:
+    return SHAPES
