@@ -74,3 +74,28 @@ def test_trained_checkpoint_builds_our_modules_only():
     assert all(isinstance(layer, own) for layer in model.model)
     assert model.names == ["circle", "square", "triangle", "star", "cross"]
     assert isinstance(model.model[0].act, torch.nn.LeakyReLU) and model.model[0].act.negative_slope == 0.1
+
+
+def test_checkpoint_saved_in_fused_layout_loads():
+    """Deploy checkpoints may hold already-fused blocks (conv with bias and no BN; RepConv.rbr_reparam)."""
+    import copy as _copy
+
+    from exporter.fuse import fuse_model
+
+    name = "dev_yolov7_w0125_nc80"  # has RepConv
+    ckpt = load_checkpoint(OFFICIAL / f"{name}.pt")
+    fused = build_model(ckpt)
+    fuse_model(fused)
+    deploy = _copy.copy(ckpt)
+    deploy.state_dict = {k: v.clone() for k, v in fused.state_dict().items()}
+    deploy.yaml = _copy.deepcopy(ckpt.yaml)
+    deploy.yaml["head"][-1][2] = "Detect"
+    deploy.head_type = "Detect"
+    assert any(k.endswith("rbr_reparam.weight") for k in deploy.state_dict)
+    rebuilt = build_model(deploy)
+    ref = official_reference(name)
+    x = torch.from_numpy(ref["input"])
+    with torch.no_grad():
+        out = rebuilt(x).numpy()
+    np.testing.assert_allclose(out[..., :4], ref["out_fused"][..., :4], atol=0.05, rtol=0)
+    np.testing.assert_allclose(out[..., 4:], ref["out_fused"][..., 4:], atol=1e-3, rtol=0)
