@@ -57,13 +57,13 @@ def join_img_args(argv: list[str]) -> list[str]:
     """Let `--img H W` work (click options take a fixed number of values): join two numbers after --img."""
     out, i = [], 0
     while i < len(argv):
-        if argv[i] in ("--img", "--imgsz", "--img-size") and i + 2 < len(argv) + 0 and i + 1 < len(argv):
-            if i + 2 < len(argv) and argv[i + 1].isdigit() and argv[i + 2].isdigit():
-                out += [argv[i], f"{argv[i + 1]},{argv[i + 2]}"]
-                i += 3
-                continue
-        out.append(argv[i])
-        i += 1
+        pair = argv[i + 1:i + 3]
+        if argv[i] in ("--img", "--imgsz") and len(pair) == 2 and all(p.isdigit() for p in pair):
+            out += [argv[i], ",".join(pair)]
+            i += 3
+        else:
+            out.append(argv[i])
+            i += 1
     return out
 
 
@@ -112,6 +112,8 @@ def _positive(ctx, param, value):
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Labelled set (COCO json or images+YOLO labels) for --int8-max-drop and --check.")
 @click.option("--trt", is_flag=True, help="Also build a TensorRT engine (needs a GPU and TensorRT 10/11).")
+@click.option("--max-batch", type=int, default=None, callback=_positive,
+              help="(--trt --dynamic-batch) Largest batch of the engine's optimization profile [default: max(--batch, 32)].")
 @click.option("--workspace", type=float, default=None, metavar="GiB", help="TensorRT workspace limit.")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=None, help="TensorRT builder optimization level.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="TensorRT timing cache (loaded and saved).")
@@ -126,7 +128,7 @@ def _positive(ctx, param, value):
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def export_command(checkpoint, out_dir, img, batch, dynamic_batch, opset, simplify, nms, conf, iou, topk, agnostic,
                    best_class, fp16, int8, calib, calib_images, calib_method, calib_cache, int8_max_drop, data, trt,
-                   workspace, opt_level, timing_cache, version_compatible, hardware_compat, do_check, max_map_drop,
+                   max_batch, workspace, opt_level, timing_cache, version_compatible, hardware_compat, do_check, max_map_drop,
                    max_latency_ms, min_parity_cos, triton, verbose, debug):
     """Export an official YOLOv7 checkpoint (tiny, v7, X, W6, E6, D6, E6E; training or deploy form) to a
     fused, simplified ONNX, optionally FP16/INT8 and with NMS inside, optionally a TensorRT engine.
@@ -134,6 +136,7 @@ def export_command(checkpoint, out_dir, img, batch, dynamic_batch, opset, simpli
     The checkpoint is read without running any code from its pickle; the official repository is not needed.
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    imgsz = parse_imgsz(img)  # outside run_cli: click reports a bad value as a usage error (exit 2)
 
     def body():
         if fp16 and int8:
@@ -141,12 +144,12 @@ def export_command(checkpoint, out_dir, img, batch, dynamic_batch, opset, simpli
         if best_class and nms not in ("onnx",):
             raise UserError("--best-class needs --nms onnx (EfficientNMS_TRT is always multi-label)")
         opts = ExportOptions(
-            checkpoint=checkpoint, out_dir=out_dir, imgsz=parse_imgsz(img), batch=batch, dynamic_batch=dynamic_batch,
+            checkpoint=checkpoint, out_dir=out_dir, imgsz=imgsz, batch=batch, dynamic_batch=dynamic_batch,
             opset=opset, simplify=simplify, precision="fp16" if fp16 else "int8" if int8 else "fp32",
             nms=NmsOptions(mode=nms, conf=conf, iou=iou, topk=topk, agnostic=agnostic, best_class=best_class),
             calib=CalibOptions(source=calib, num_images=calib_images, method=calib_method, cache=calib_cache,
                                max_drop=int8_max_drop, eval_data=data),
-            trt=TrtOptions(enabled=trt, workspace_gib=workspace, opt_level=opt_level, timing_cache=timing_cache,
+            trt=TrtOptions(enabled=trt, max_batch=max_batch, workspace_gib=workspace, opt_level=opt_level, timing_cache=timing_cache,
                            version_compatible=version_compatible,
                            hardware_compat=None if hardware_compat == "none" else hardware_compat),
             check=CheckOptions(enabled=do_check, data=data, max_map_drop=max_map_drop, max_latency_ms=max_latency_ms,

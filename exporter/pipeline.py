@@ -67,6 +67,10 @@ def resolve_nms_mode(opts: ExportOptions) -> str:
 def run(opts: ExportOptions) -> PipelineResult:
     t0 = time.perf_counter()
     opts.nms.mode = resolve_nms_mode(opts)
+    if opts.trt.enabled:  # fail before minutes of export/calibration if no engine can be built here
+        from .trt_build import preflight
+
+        preflight(opts.trt)
     ckpt, model = load_fused(opts.checkpoint)
     imgsz = check_image_size(opts.imgsz or default_imgsz(ckpt), ckpt.max_stride)
     info = ModelInfo(names=ckpt.names, stride=ckpt.stride, imgsz=imgsz, nms="none", precision="fp32",

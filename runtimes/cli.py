@@ -5,9 +5,14 @@ It goes through the same ``Detector`` as the check harness, so what you see draw
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import click
 import cv2
@@ -48,6 +53,11 @@ def collect_images(source: Path) -> list[Path]:
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise UserError(f"image not found: {missing[0]}{more}")
+    # A header check only (cheap); a file that passes it but fails to decode is reported when read.
+    unreadable = [p for p in paths if not cv2.haveImageReader(str(p))]
+    if unreadable:
+        more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+        raise UserError(f"cannot read image (not a supported image format): {unreadable[0]}{more}")
     return paths
 
 
@@ -67,6 +77,23 @@ def output_names(paths: list[Path], out_dir: Path) -> list[Path]:
             raise UserError(f"output folder {out_dir} would overwrite the source image {p}; choose another -o")
         result.append(target)
     return result
+
+
+@contextmanager
+def _staging(out_dir: Path) -> Iterator[Path]:
+    """A hidden folder in out_dir for the annotated images, moved into place only when every image went
+    through: a run that fails half-way (e.g. an image that does not decode) leaves no partial output."""
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".detect-", suffix=".partial", dir=out_dir))
+    try:
+        yield stage
+        for f in sorted(stage.iterdir()):
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
 
 
 def refilter(dets: Detections, conf: float | None, max_det: int | None) -> Detections:
@@ -107,7 +134,7 @@ def detect_images(artifact: Path, source: Path, out_dir: Path, conf: float | Non
     """The command's work; returns the detections.json content (also written to out_dir)."""
     from tqdm import tqdm
 
-    from exporter.artifacts import write_bytes_atomic, write_json_atomic
+    from exporter.artifacts import write_json_atomic
 
     paths = collect_images(source)
     targets = output_names(paths, out_dir) if save_images else [None] * len(paths)
@@ -131,7 +158,8 @@ def detect_images(artifact: Path, source: Path, out_dir: Path, conf: float | Non
              *info.imgsz, info.nms, len(paths))
 
     records, total, t0 = [], 0, time.perf_counter()
-    with tqdm(total=len(paths), unit="img", desc="detect", disable=None, file=sys.stderr) as bar:
+    with _staging(out_dir) as stage, tqdm(total=len(paths), unit="img", desc="detect", disable=None,
+                                          file=sys.stderr) as bar:
         for start in range(0, len(paths), step):
             chunk = paths[start:start + step]
             try:
@@ -146,7 +174,7 @@ def detect_images(artifact: Path, source: Path, out_dir: Path, conf: float | Non
                 record = {"file": str(path), "width": int(image.shape[1]), "height": int(image.shape[0]),
                           "detections": dets.to_list(info.names)}
                 if target is not None:
-                    write_bytes_atomic(target, _encode(draw_detections(image, dets, info.names), target.suffix))
+                    (stage / target.name).write_bytes(_encode(draw_detections(image, dets, info.names), target.suffix))
                     record["annotated"] = target.name
                 records.append(record)
             bar.update(len(chunk))

@@ -41,7 +41,7 @@ def draw_detections(image_bgr: np.ndarray, dets: Detections, names: list[str]) -
         x1, y1, x2, y2 = (int(round(float(v))) for v in dets.boxes[i])
         cls = int(dets.classes[i])
         color = class_color(cls)
-        cv2.rectangle(out, (x1, y1), (x2, y2), color, thickness, cv2.LINE_AA)
+        cv2.rectangle(out, (x1, y1), (x2, y2), color, thickness, cv2.LINE_8)  # crisp edges
         name = names[cls] if 0 <= cls < len(names) else str(cls)
         label = f"{name} {float(dets.scores[i]):.2f}"
         (tw, th), base = cv2.getTextSize(label, font, font_scale, max(1, thickness // 2))

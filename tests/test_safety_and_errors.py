@@ -154,3 +154,8 @@ def test_directory_and_empty_file(tmp_path):
     r = _cli([str(empty)])
     assert r.exit_code == 2 and "empty" in r.output
     shutil.rmtree(tmp_path)
+
+
+def test_malformed_img_value_is_a_usage_error(tmp_path):
+    r = _cli([str(TRAINED), "--img", "abc", "-o", str(tmp_path)])
+    assert r.exit_code == 2 and "expected H or H W" in r.output and "internal error" not in r.output

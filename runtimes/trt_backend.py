@@ -1,0 +1,253 @@
+"""TensorRT backend: runs an engine built by yolo7-export, with torch CUDA tensors as its buffers.
+
+Before deserializing, the engine's sidecar (``<engine>.json``, written by exporter/trt_build.py) is checked
+against this machine: a TensorRT plan only runs on the TensorRT version and GPU generation it was built for
+(unless built version-/hardware-compatible), and TensorRT's own error for that is cryptic. IO is by tensor
+name (``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3``), the API of TensorRT 10 and 11.
+Buffers are torch CUDA tensors on a torch stream (pycuda has no wheels and needs the CUDA toolkit to build).
+Optional CUDA graph capture replays the whole enqueue as one launch: less CPU overhead at batch 1.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from . import trt_env
+from .base import Backend
+from .contract import META_PREFIX, ModelInfo
+
+log = logging.getLogger("yolo7_export")
+
+# tensorrt.DataType member name -> torch dtype name
+TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
+                "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
+REBUILD_HINT = ("rebuild it on this machine (yolo7-export CHECKPOINT --trt), or build portable engines with "
+                "--version-compatible / --hardware-compat ampere+")
+
+
+def read_sidecar(engine_path: Path) -> dict:
+    side = trt_env.sidecar_path(engine_path)
+    if not side.is_file():
+        raise trt_env._error(f"{side.name} not found next to {Path(engine_path).name}: yolo7-export runs only engines "
+                             f"it built (the sidecar records classes, input size, TensorRT version and GPU); rebuild "
+                             f"with yolo7-export CHECKPOINT --trt")
+    try:
+        data = json.loads(side.read_text())
+    except (OSError, ValueError) as exc:
+        raise trt_env._error(f"{side.name} is not valid JSON ({exc}); rebuild the engine") from exc
+    if not isinstance(data, dict) or data.get("format") != trt_env.SIDECAR_FORMAT:
+        raise trt_env._error(f"{side.name} is not a yolo7-export engine sidecar (format "
+                             f"{data.get('format') if isinstance(data, dict) else None!r}); rebuild the engine")
+    return data
+
+
+def model_info(sidecar: dict) -> ModelInfo:
+    """The ModelInfo embedded at build time (same validation as for ONNX metadata)."""
+    model = sidecar.get("model") or {}
+    return ModelInfo.from_metadata({META_PREFIX + k: json.dumps(v) for k, v in model.items()})
+
+
+def check_compat(sidecar: dict, trt_version: str, device: trt_env.CudaDevice, engine_name: str) -> list[str]:
+    """Raise a UserError if the engine cannot run here; return warnings for what works but is not ideal."""
+    built_trt = str(sidecar["tensorrt"]["version"])
+    gpu = sidecar["gpu"]
+    build = sidecar.get("build") or {}
+    problems, warnings = [], []
+    built_v, running_v = trt_env.version_tuple(built_trt), trt_env.version_tuple(trt_version)
+    if build.get("version_compatible"):
+        if running_v < built_v:
+            problems.append(f"TensorRT {built_trt} or later (version-compatible), this machine has TensorRT "
+                            f"{trt_version}")
+    elif running_v != built_v:
+        problems.append(f"TensorRT {built_trt}, this machine has TensorRT {trt_version}")
+    built_cc = str(gpu["compute_capability"])
+    if build.get("hardware_compat", "none") == "ampere+":
+        if device.compute_capability < (8, 0):
+            problems.append(f"Ampere or newer GPUs (hardware-compatible), {device.name} has compute capability "
+                            f"{device.cc}")
+    elif built_cc != device.cc:
+        problems.append(f"compute capability {built_cc} ({gpu.get('name', '?')}), {device.name} has {device.cc}")
+    elif gpu.get("name") and gpu["name"] != device.name:
+        warnings.append(f"{engine_name} was built on {gpu['name']} and runs on {device.name} (same compute "
+                        f"capability {device.cc}): it works, but an engine built on this GPU may be faster")
+    if problems:
+        raise trt_env._error(f"engine {engine_name} was built for {'; and for '.join(problems)}: {REBUILD_HINT}")
+    return warnings
+
+
+class TorchCuda:
+    """The few CUDA operations the backend needs, done with torch (one place to stand in for in CPU tests)."""
+
+    def __init__(self):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise trt_env._error("no CUDA GPU visible to PyTorch: the TensorRT runtime keeps its buffers in torch "
+                                 "CUDA tensors, so it needs an NVIDIA GPU and a CUDA build of torch")
+        self.torch = torch
+        self.index = torch.cuda.current_device()
+        self.stream = torch.cuda.Stream()
+
+    @property
+    def handle(self) -> int:
+        return self.stream.cuda_stream
+
+    def device_info(self) -> trt_env.CudaDevice:
+        found = trt_env.cuda_device(self.index)
+        if found is not None:
+            return found
+        t = self.torch
+        return trt_env.CudaDevice(t.cuda.get_device_name(self.index), tuple(t.cuda.get_device_capability(self.index)),
+                                  str(t.version.cuda or ""), self.index)
+
+    def empty(self, shape: tuple[int, ...], dtype: str):
+        return self.torch.empty(tuple(shape), dtype=getattr(self.torch, dtype), device=f"cuda:{self.index}")
+
+    def upload(self, dst, array: np.ndarray) -> None:
+        with self.torch.cuda.stream(self.stream):
+            dst.copy_(self.torch.from_numpy(array))
+
+    def download(self, src) -> np.ndarray:
+        return src.cpu().numpy()
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+    def capture(self, fn):
+        graph = self.torch.cuda.CUDAGraph()
+        # thread-local capture mode, as trtexec uses: TensorRT may query events from its own threads meanwhile
+        with self.torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            fn()
+        return graph
+
+    def replay(self, graph) -> None:
+        with self.torch.cuda.stream(self.stream):
+            graph.replay()
+
+
+make_device = TorchCuda  # tests replace this with a CPU stand-in
+
+
+class TrtBackend(Backend):
+    """Runs a yolo7-export TensorRT engine; outputs by contract name, like every backend."""
+
+    name = "tensorrt"
+
+    def __init__(self, path: str | Path, cuda_graph: bool = False):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise trt_env._error(f"engine not found: {self.path}")
+        self.sidecar = read_sidecar(self.path)
+        self.info = model_info(self.sidecar)
+        self.cuda_graph = bool(cuda_graph)
+        trt = trt_env.import_tensorrt()
+        self.trt_version = trt.__version__
+        self.cuda = make_device()
+        self.device = self.cuda.device_info()
+        for warning in check_compat(self.sidecar, trt.__version__, self.device, self.path.name):
+            log.warning(warning)
+        data = self.path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.sidecar["engine"]["sha256"]:
+            raise trt_env._error(f"{self.path.name} does not match its sidecar (sha256 differs): the engine was "
+                                 f"replaced or modified after the build; rebuild it")
+        self.logger = trt_env.make_logger(trt)
+        self.runtime = trt_env.create(trt, trt.Runtime, self.logger, "runtime")
+        if (self.sidecar.get("build") or {}).get("version_compatible"):
+            self.runtime.engine_host_code_allowed = True  # the plan carries its own lean runtime
+        plugins = [trt_env.PluginOp(**p) for p in self.sidecar.get("plugins", [])]
+        trt_env.init_plugins(trt, self.logger, plugins)
+        self.engine = self.runtime.deserialize_cuda_engine(data)
+        if self.engine is None:
+            raise trt_env._error(f"TensorRT {trt.__version__} could not load {self.path.name} "
+                                 f"({self.logger.last_error or 'no reason given'}): {REBUILD_HINT}")
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise trt_env._error(f"could not create an execution context for {self.path.name} "
+                                 f"({self.logger.last_error or 'out of GPU memory?'})")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(self.input_names) != 1:
+            raise trt_env._error(f"{self.path.name} has inputs {self.input_names}; expected one image input")
+        self.input_name = self.input_names[0]
+        self.input_shape = tuple(int(d) for d in self.engine.get_tensor_shape(self.input_name))
+        self.dtypes = {n: self._torch_dtype(n) for n in names}
+        self._buffers: dict[int, dict] = {}
+        self._graphs: dict[int, object] = {}
+        self._bound: int | None = None
+
+    def _torch_dtype(self, name: str) -> str:
+        dtype = self.engine.get_tensor_dtype(name)
+        key = getattr(dtype, "name", str(dtype).rsplit(".", 1)[-1])
+        if key not in TORCH_DTYPES:
+            raise trt_env._error(f"engine tensor {name!r} has type {key}, which this runtime does not handle")
+        return TORCH_DTYPES[key]
+
+    @property
+    def fixed_batch(self) -> int | None:
+        return self.input_shape[0] if self.input_shape[0] > 0 else None
+
+    @property
+    def stream(self):
+        return self.cuda.stream
+
+    def _bind(self, shape: tuple[int, ...]) -> int:
+        """Make the context ready for this input shape: buffers per batch size, addresses by tensor name."""
+        expected = self.input_shape
+        if len(shape) != len(expected) or any(e >= 0 and e != s for e, s in zip(expected, shape)):
+            raise trt_env._error(f"input of shape {tuple(shape)} does not fit engine input {self.input_name} "
+                                 f"{tuple(expected)}")
+        n = int(shape[0])
+        dynamic = any(d < 0 for d in expected)
+        if n not in self._buffers:
+            if dynamic and not self.context.set_input_shape(self.input_name, tuple(int(s) for s in shape)):
+                lo, _, hi = (tuple(d) for d in self.engine.get_tensor_profile_shape(self.input_name, 0))
+                raise trt_env._error(f"batch {n} is outside the engine's profile (batch {lo[0]}..{hi[0]}); "
+                                     f"rebuild with a larger max batch")
+            buffers = {self.input_name: self.cuda.empty(tuple(shape), self.dtypes[self.input_name])}
+            for name in self.output_names:
+                out_shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
+                buffers[name] = self.cuda.empty(out_shape, self.dtypes[name])
+            self._buffers[n] = buffers
+        if self._bound != n:
+            if dynamic:
+                self.context.set_input_shape(self.input_name, tuple(int(s) for s in shape))
+            for name, tensor in self._buffers[n].items():
+                self.context.set_tensor_address(name, tensor.data_ptr())
+            self._bound = n
+        return n
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(self.cuda.handle):
+            raise trt_env._error(f"TensorRT execution failed: {self.logger.last_error or 'no reason given'}")
+
+    def enqueue(self, batch_size: int) -> None:
+        """Queue one inference on the bound buffers of ``batch_size`` (no copies, no sync): for timing."""
+        self._bind((batch_size, *self.input_shape[1:]))
+        if not self.cuda_graph:
+            self._execute()
+            return
+        graph = self._graphs.get(batch_size)
+        if graph is None:
+            self._execute()  # warm-up outside capture: TensorRT finishes shape-dependent setup here
+            self.cuda.synchronize()
+            graph = self._graphs[batch_size] = self.cuda.capture(self._execute)
+        self.cuda.replay(graph)
+
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        n = self._bind(x.shape)
+        buffers = self._buffers[n]
+        src = x if self.dtypes[self.input_name] == "float32" else x.astype(self.dtypes[self.input_name])
+        self.cuda.upload(buffers[self.input_name], src)
+        self.enqueue(n)
+        self.cuda.synchronize()
+        return {name: self.cuda.download(buffers[name]) for name in self.output_names}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "engine": self.path.name, "tensorrt": self.trt_version,
+                "gpu": self.device.name, "cuda_graph": self.cuda_graph}
