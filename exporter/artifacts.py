@@ -66,10 +66,12 @@ class Manifest:
     outputs: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
-    def add_output(self, path: Path, kind: str, **details) -> None:
+    def add_output(self, path: Path, kind: str, name: str | None = None, **details) -> None:
+        """Record an output; ``name`` is its path relative to the manifest (default: the file name)."""
         path = Path(path)
-        self.outputs = [o for o in self.outputs if o["path"] != path.name]
-        self.outputs.append({"path": path.name, "kind": kind, "sha256": sha256_file(path),
+        name = name or path.name
+        self.outputs = [o for o in self.outputs if o["path"] != name]
+        self.outputs.append({"path": name, "kind": kind, "sha256": sha256_file(path),
                              "bytes": path.stat().st_size, **details})
 
     def write(self, out_dir: Path) -> Path:

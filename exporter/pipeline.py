@@ -114,13 +114,28 @@ def run(opts: ExportOptions) -> PipelineResult:
         repo = write_triton_repository(opts.triton, result.engine_path or onnx_path, info)
         manifest.extra["triton_repository"] = str(repo)
     manifest.extra["reports"] = reports
-    manifest.extra["seconds"] = round(time.perf_counter() - t0, 2)
-    result.manifest_path = manifest.write(out_dir)
-    if opts.check.enabled:
-        from .check.harness import check_after_export
-
-        result.reports["check"] = check_after_export(opts, result)
+    try:
+        if opts.check.enabled:
+            _check(opts, result, manifest, reports)
+    finally:  # the manifest is written even when a CI gate fails
+        manifest.extra["seconds"] = round(time.perf_counter() - t0, 2)
+        result.manifest_path = manifest.write(out_dir)
     return result
+
+
+def _check(opts: ExportOptions, result: PipelineResult, manifest: Manifest, reports: dict) -> None:
+    """--check: the harness on what was just written; its report files join the manifest."""
+    from .check.harness import check_after_export
+
+    try:
+        reports["check"] = check_after_export(opts, result)
+    except UserError as exc:
+        reports["check"] = {"passed": False, "error": str(exc)}
+        raise
+    finally:
+        report_dir = Path(reports.get("check", {}).get("report_dir") or Path(opts.out_dir) / "check")
+        for path in sorted(report_dir.glob("report.*")) + sorted(report_dir.glob("*.png")):
+            manifest.add_output(path, "check_report", name=str(path.relative_to(opts.out_dir)))
 
 
 def _apply_precision(proto: onnx.ModelProto, info: ModelInfo, opts: ExportOptions, reports: dict) -> onnx.ModelProto:

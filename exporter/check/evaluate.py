@@ -45,8 +45,13 @@ class MapResult:
 
 def evaluate_map(detector: Detector, dataset: Dataset, batch_size: int = 8, progress: bool = True,
                  imgsz: tuple[int, int] | None = None, evaluator: str = "faster-coco-eval",
-                 desc: str = "mAP") -> MapResult:
-    """Run ``detector`` over ``dataset`` and score it; ``imgsz``: the size the run was asked for (checked)."""
+                 desc: str = "mAP", config: DetectConfig | None = None) -> MapResult:
+    """Run ``detector`` over ``dataset`` and score it; ``imgsz``: the size the run was asked for (checked).
+
+    ``config``: NMS settings instead of the protocol's, only to score a raw-output model the way an NMS-tail
+    artifact is scored (the harness compares such artifacts with PyTorch under their own NMS settings).
+    """
+    config = config or EVAL_CONFIG
     info = detector.info
     if imgsz is not None and tuple(imgsz) != tuple(info.imgsz):
         raise UserError(f"artifact input size {info.imgsz[0]}x{info.imgsz[1]} differs from the requested "
@@ -54,7 +59,7 @@ def evaluate_map(detector: Detector, dataset: Dataset, batch_size: int = 8, prog
     dataset = dataset.for_model(info.names)
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
-    previous, detector.config = detector.config, DetectConfig(**asdict(EVAL_CONFIG))
+    previous, detector.config = detector.config, DetectConfig(**asdict(config))
     t0 = time.perf_counter()
     try:
         preds = _predict(detector, dataset, batch_size, progress, desc)
@@ -71,7 +76,7 @@ def evaluate_map(detector: Detector, dataset: Dataset, batch_size: int = 8, prog
                      n_labels=dataset.n_labels, seconds=round(time.perf_counter() - t0, 2), evaluator=evaluator,
                      stats=[round(float(s), 6) for s in stats],
                      per_class={names.get(c, str(c)): round(v, 6) for c, v in per_class.items()},
-                     n_detections=len(preds), protocol=asdict(EVAL_CONFIG) | {"imgsz": list(info.imgsz)},
+                     n_detections=len(preds), protocol=asdict(config) | {"imgsz": list(info.imgsz)},
                      protocol_note=note)
 
 
@@ -119,8 +124,8 @@ def score_coco(gt: dict, preds: list[dict], evaluator: str = "faster-coco-eval")
         else:
             from faster_coco_eval import COCO, COCOeval_faster
 
-            coco_gt = COCO(_copy_gt(gt))
-            ev = COCOeval_faster(coco_gt, coco_gt.loadRes(preds), "bbox")
+            coco_gt = COCO(_copy_gt(gt), print_function=_quiet)
+            ev = COCOeval_faster(coco_gt, coco_gt.loadRes(preds), "bbox", print_function=_quiet)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -131,6 +136,10 @@ def score_coco(gt: dict, preds: list[dict], evaluator: str = "faster-coco-eval")
         if (p > -1).any():
             per_class[int(cat)] = float(p[p > -1].mean())
     return np.asarray(ev.stats[:12], dtype=np.float64), per_class
+
+
+def _quiet(*args, **kwargs) -> None:
+    """faster-coco-eval logs its summary table at INFO; the report carries the numbers instead."""
 
 
 def _copy_gt(gt: dict) -> dict:
