@@ -104,7 +104,8 @@ def _positive(ctx, param, value):
               help="Calibration images: a folder, a .txt list, or a COCO json (required with --int8).")
 @click.option("--calib-images", type=int, default=512, show_default=True, callback=_positive,
               help="Number of calibration images (fewer if the source has fewer).")
-@click.option("--calib-method", type=click.Choice(["entropy", "max", "percentile"]), default="entropy", show_default=True)
+@click.option("--calib-method", type=click.Choice(["percentile", "max", "entropy"]), default="percentile", show_default=True,
+              help="INT8 range per tensor: 99.999th percentile of |x|, max |x|, or TensorRT-style KL entropy.")
 @click.option("--calib-cache", type=click.Path(path_type=Path), default=None,
               help="Calibration result file: reused when it matches the model and images, written otherwise.")
 @click.option("--int8-max-drop", type=float, default=None, metavar="AP",

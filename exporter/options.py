@@ -25,7 +25,7 @@ class CalibOptions:
 
     source: Path | None = None  # folder, list file or COCO json
     num_images: int = 512
-    method: str = "entropy"  # entropy | max | percentile
+    method: str = "percentile"  # percentile | max | entropy (precision/calibrate.py says why percentile)
     cache: Path | None = None
     max_drop: float | None = None  # --int8-max-drop (AP points, mAP50-95 x 100)
     eval_data: Path | None = None  # labelled set for --int8-max-drop (defaults to the calibration source)

@@ -67,6 +67,10 @@ def resolve_nms_mode(opts: ExportOptions) -> str:
 def run(opts: ExportOptions) -> PipelineResult:
     t0 = time.perf_counter()
     opts.nms.mode = resolve_nms_mode(opts)
+    if opts.precision == "int8":  # fail at once on a bad --calib, not after export
+        from .precision.calib_data import check_source
+
+        check_source(opts.calib.source, opts.calib.num_images)
     if opts.trt.enabled:  # fail before minutes of export/calibration if no engine can be built here
         from .trt_build import preflight
 

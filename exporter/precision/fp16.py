@@ -1,0 +1,75 @@
+"""FP16 ONNX: FP16 weights and compute, FP32 inputs/outputs, and the box decode kept in FP32.
+
+Tool choice: NVIDIA modelopt's ONNX AutoCast (``modelopt.onnx.autocast.convert_to_mixed_precision``).
+* It installs cleanly here without its ``[onnx]`` extra (that extra pins an older onnx, onnxruntime-gpu and
+  cupy): ``pip install nvidia-modelopt onnxscript lief`` leaves torch 2.13 CPU, onnx and onnxruntime as they
+  are; ``modelopt.onnx`` needs just those two small packages to import.
+* It is NVIDIA's converter for TensorRT's strongly typed mode: it inserts the Casts at the FP32/FP16
+  boundaries, keeps initializers that overflow FP16 in FP32, and blocks nodes by exact name, which is what
+  keeping "the decode and everything feeding NMS" in FP32 needs (onnxconverter-common can block nodes too,
+  but is unmaintained and adds a Cast pair per blocked node).
+* Its data-driven rule (keep nodes whose activations exceed ``data_max`` in FP32) needs a reference run on
+  random inputs, which would make the artifact depend on random numbers; we switch it off
+  (``data_max=inf``) and block the decode explicitly. The decode holds the large numbers (pixel
+  coordinates up to the image size, anchor products); the convolutions' activations stay small.
+The head convs themselves run in FP16; a Cast to FP32 sits between each head conv and the decode.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..errors import UserError
+from .graph import check_node_names, decode_nodes
+
+log = logging.getLogger("yolo7_export")
+
+
+def convert_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """FP32 raw graph -> mixed FP16 graph with FP32 ``images``/``output`` and an FP32 decode."""
+    try:
+        from modelopt.onnx.autocast import convert_to_mixed_precision
+    except ImportError as exc:
+        raise UserError(f"--fp16 needs NVIDIA modelopt's ONNX AutoCast ({exc.__class__.__name__}: "
+                        f"{str(exc).splitlines()[0]}); install it with: pip install nvidia-modelopt onnxscript lief"
+                        ) from exc
+    check_node_names(proto)
+    keep_fp32 = decode_nodes(proto)
+    patterns = [f"^{re.escape(name)}$" for name in keep_fp32]
+    with tempfile.TemporaryDirectory(prefix="yolo7_fp16_") as tmp, _quiet_modelopt():
+        path = Path(tmp) / "model.onnx"
+        onnx.save_model(proto, str(path))
+        out = convert_to_mixed_precision(str(path), low_precision_type="fp16", nodes_to_exclude=patterns,
+                                         data_max=np.inf, keep_io_types=True)
+    _copy_metadata(proto, out)
+    n_fp16 = sum(1 for n in out.graph.node if n.op_type == "Conv")
+    log.info("fp16: %d convs in FP16, %d decode nodes kept in FP32", n_fp16, len(keep_fp32))
+    return out
+
+
+def _copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
+    """AutoCast drops metadata_props; runtimes read the artifact's ModelInfo from them."""
+    del dst.metadata_props[:]
+    for prop in src.metadata_props:
+        dst.metadata_props.add(key=prop.key, value=prop.value)
+
+
+@contextlib.contextmanager
+def _quiet_modelopt():
+    """modelopt logs every node at INFO to stdout; keep it quiet unless we are at DEBUG ourselves."""
+    level = logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict) if name.startswith("modelopt")]
+    saved = [(lg, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, lvl in saved:
+            lg.setLevel(lvl)
