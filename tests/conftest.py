@@ -31,3 +31,16 @@ def trained_ckpt() -> Path:
 @pytest.fixture(scope="session")
 def shapes_dir() -> Path:
     return SHAPES
+
+
+@pytest.fixture(scope="session")
+def trained_fp32_onnx(trained_ckpt):
+    """The trained example exported to an in-memory FP32 ONNX at 320x320, and its ModelInfo."""
+    from exporter.onnx_export import ExportConfig, export_onnx
+    from exporter.pipeline import load_fused
+    from runtimes.contract import ModelInfo
+
+    imgsz = (320, 320)
+    ckpt, model = load_fused(trained_ckpt)
+    info = ModelInfo(names=ckpt.names, stride=ckpt.stride, imgsz=imgsz)
+    return export_onnx(model, info, ExportConfig(imgsz=imgsz)), info

@@ -24,14 +24,8 @@ IMAGES = Path(__file__).parent / "data" / "images"
 
 
 @pytest.fixture(scope="module")
-def fp32(trained_ckpt):
-    from exporter.onnx_export import ExportConfig, export_onnx
-    from exporter.pipeline import load_fused
-    from runtimes.contract import ModelInfo
-
-    ckpt, model = load_fused(trained_ckpt)
-    info = ModelInfo(names=ckpt.names, stride=ckpt.stride, imgsz=IMGSZ)
-    return export_onnx(model, info, ExportConfig(imgsz=IMGSZ)), info
+def fp32(trained_fp32_onnx):
+    return trained_fp32_onnx
 
 
 @pytest.fixture(scope="module")

@@ -57,18 +57,13 @@ def measure_latency(detector: Detector, images_bgr: list[np.ndarray], batch: int
             detector.run(x)
             detector.detect(imgs)
         sync()
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            detector.run(x)
-            sync()
-            model_t.append(time.perf_counter() - t0)
-            bar.update()
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            detector.detect(imgs)
-            sync()
-            e2e_t.append(time.perf_counter() - t0)
-            bar.update()
+        for fn, times in ((lambda: detector.run(x), model_t), (lambda: detector.detect(imgs), e2e_t)):
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times.append(time.perf_counter() - t0)
+                bar.update()
     model, e2e = percentiles(model_t), percentiles(e2e_t)
     return LatencyResult(batch=batch, runs=runs, warmup=warmup, model_ms=model, e2e_ms=e2e,
                          fps=batch * 1000.0 / model["p50"], fps_e2e=batch * 1000.0 / e2e["p50"],
