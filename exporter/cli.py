@@ -166,9 +166,13 @@ def export_command(checkpoint, out_dir, img, batch, dynamic_batch, opset, simpli
     run_cli(body, debug)
 
 
+def invoke(command: click.Command, prog_name: str, argv: list[str] | None) -> None:
+    """The body of every console script: `--img H W` support, then click (shared by all three commands)."""
+    command.main(args=join_img_args(list(sys.argv[1:] if argv is None else argv)), prog_name=prog_name)
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = join_img_args(list(sys.argv[1:] if argv is None else argv))
-    export_command.main(args=argv, prog_name="yolo7-export")
+    invoke(export_command, "yolo7-export", argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

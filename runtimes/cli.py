@@ -18,7 +18,7 @@ import click
 import cv2
 import numpy as np
 
-from exporter.cli import _positive, _unit_interval, join_img_args, parse_imgsz, run_cli
+from exporter.cli import _positive, _unit_interval, invoke, parse_imgsz, run_cli
 from exporter.errors import UserError
 
 from .base import DetectConfig, Detections, Detector
@@ -231,8 +231,7 @@ def detect_command(artifact, source, out_dir, conf, iou, max_det, agnostic, mult
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = join_img_args(list(sys.argv[1:] if argv is None else argv))
-    detect_command.main(args=argv, prog_name="yolo7-detect")
+    invoke(detect_command, "yolo7-detect", argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

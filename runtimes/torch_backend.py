@@ -21,8 +21,6 @@ class TorchBackend(Backend):
 
     def __init__(self, path: str | Path, device: str = "cpu", fuse: bool = True, half: bool = False,
                  imgsz: tuple[int, int] | None = None):
-        import torch
-
         from exporter.checkpoint import load_checkpoint
         from exporter.errors import UserError
         from exporter.model import build_model

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import click
 
-from ..cli import join_img_args, parse_imgsz, run_cli
+from ..cli import invoke, parse_imgsz, run_cli
 from ..errors import UserError
 
 EPILOG = """\b
@@ -77,8 +76,7 @@ def bench_command(checkpoint, artifacts, data, out_dir, img, batches, runs, warm
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = join_img_args(list(sys.argv[1:] if argv is None else argv))
-    bench_command.main(args=argv, prog_name="yolo7-bench")
+    invoke(bench_command, "yolo7-bench", argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
