@@ -89,7 +89,7 @@ def _parity_table(report: dict) -> list[str]:
                    f"{_f(r.get('mean_abs'), '.3g')} | {_f(r.get('max_rel'), '.3g')} | {_f(r.get('box_max_abs'), '.3g')} | "
                    f"{_f(r.get('score_max_abs'), '.3g')} | {d['matched']}/{d['n_reference']} "
                    f"({100 * d['matched_share']:.1f}%) | {d['score_max_abs']:.4f} | {'yes' if p['finite'] else 'NO'} |")
-    return out + ["", f"Boxes matched: reference detections (conf 0.25, IoU 0.45, or the artifact's own NMS settings) "
+    return out + ["", "Boxes matched: reference detections (conf 0.25, IoU 0.45, or the artifact's own NMS settings) "
                   "reproduced with the same class at IoU >= 0.9. Relative errors are normalised by the reference's "
                   f"magnitude. NMS-tail artifacts: detections only.", ""]
 
