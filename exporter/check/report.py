@@ -91,7 +91,7 @@ def _parity_table(report: dict) -> list[str]:
                    f"({100 * d['matched_share']:.1f}%) | {d['score_max_abs']:.4f} | {'yes' if p['finite'] else 'NO'} |")
     return out + ["", "Boxes matched: reference detections (conf 0.25, IoU 0.45, or the artifact's own NMS settings) "
                   "reproduced with the same class at IoU >= 0.9. Relative errors are normalised by the reference's "
-                  f"magnitude. NMS-tail artifacts: detections only.", ""]
+                  "magnitude. NMS-tail artifacts: detections only.", ""]
 
 
 def _gates(report: dict) -> list[str]:
