@@ -22,6 +22,7 @@ import onnx_graphsurgeon as gs
 from runtimes.contract import NMS_OUTPUTS, RAW_OUTPUT
 
 from .errors import UserError
+from .onnx_export import copy_metadata
 from .options import NmsOptions
 
 TRT_DOMAIN = "TRT"  # TensorRT's parser finds plugins by op type + plugin_version; "TRT" is the usual domain
@@ -132,8 +133,7 @@ def append_nms(proto: onnx.ModelProto, nms: NmsOptions) -> onnx.ModelProto:
     model = gs.export_onnx(graph, opset_imports=domains)
     model.ir_version = proto.ir_version
     model.producer_name, model.producer_version = proto.producer_name, proto.producer_version
-    for prop in proto.metadata_props:
-        model.metadata_props.add(key=prop.key, value=prop.value)
+    copy_metadata(proto, model)
     onnx.checker.check_model(model)  # an unregistered domain (TRT) is not schema-checked, the rest is
     return model
 

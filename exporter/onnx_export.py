@@ -91,6 +91,14 @@ def finalize(proto: onnx.ModelProto, info: ModelInfo) -> onnx.ModelProto:
     return proto
 
 
+def copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
+    """Carry our metadata over to a graph rebuilt by another tool (AutoCast, quantize_static and
+    onnx-graphsurgeon all drop it); runtimes read the artifact's ModelInfo from it."""
+    del dst.metadata_props[:]
+    for prop in src.metadata_props:
+        dst.metadata_props.add(key=prop.key, value=prop.value)
+
+
 def read_info(proto: onnx.ModelProto) -> ModelInfo:
     """Our metadata from an ONNX; a clear error for a foreign ONNX."""
     try:

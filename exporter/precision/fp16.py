@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from ..errors import UserError
+from ..onnx_export import copy_metadata
 from .graph import check_node_names, decode_nodes
 
 log = logging.getLogger("yolo7_export")
@@ -47,17 +48,10 @@ def convert_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
         onnx.save_model(proto, str(path))
         out = convert_to_mixed_precision(str(path), low_precision_type="fp16", nodes_to_exclude=patterns,
                                          data_max=np.inf, keep_io_types=True)
-    _copy_metadata(proto, out)
+    copy_metadata(proto, out)
     n_fp16 = sum(1 for n in out.graph.node if n.op_type == "Conv")
     log.info("fp16: %d convs in FP16, %d decode nodes kept in FP32", n_fp16, len(keep_fp32))
     return out
-
-
-def _copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
-    """AutoCast drops metadata_props; runtimes read the artifact's ModelInfo from them."""
-    del dst.metadata_props[:]
-    for prop in src.metadata_props:
-        dst.metadata_props.add(key=prop.key, value=prop.value)
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ import onnx
 from runtimes.contract import ModelInfo
 
 from ..errors import UserError
+from ..onnx_export import copy_metadata
 from ..options import CalibOptions
 from .calib_data import resolve_images
 from .calibrate import Calibration, activation_inputs, calibrate, check_method, ort_method
@@ -105,14 +106,8 @@ class QdqBuilder:
             else:
                 qproto = onnx.ModelProto()
                 qproto.CopyFrom(self.proto)
-        _copy_metadata(self.proto, qproto)
+        copy_metadata(self.proto, qproto)
         return qproto
-
-
-def _copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
-    del dst.metadata_props[:]
-    for prop in src.metadata_props:
-        dst.metadata_props.add(key=prop.key, value=prop.value)
 
 
 class _DropOrtNoise(logging.Filter):
