@@ -105,14 +105,18 @@ class Detector:
     def info(self) -> ModelInfo:
         return self.backend.info
 
-    def detect(self, images_bgr: list[np.ndarray]) -> list[Detections]:
-        """OpenCV BGR images (any sizes) -> detections in each image's own pixels."""
-        batch, boxes = preprocess(images_bgr, self.info.imgsz)
-        return self.detect_batch(batch, boxes)
+    def detect(self, images_bgr: list[np.ndarray], config: DetectConfig | None = None) -> list[Detections]:
+        """OpenCV BGR images (any sizes) -> detections in each image's own pixels.
 
-    def detect_batch(self, batch: np.ndarray, letterboxes: list[Letterbox]) -> list[Detections]:
+        ``config``: NMS settings for this call instead of ``self.config`` (e.g. an evaluation protocol).
+        """
+        batch, boxes = preprocess(images_bgr, self.info.imgsz)
+        return self.detect_batch(batch, boxes, config)
+
+    def detect_batch(self, batch: np.ndarray, letterboxes: list[Letterbox],
+                     config: DetectConfig | None = None) -> list[Detections]:
         outputs = self.run(batch)
-        return [self._scale(d, lb) for d, lb in zip(self.postprocess(outputs), letterboxes)]
+        return [self._scale(d, lb) for d, lb in zip(self.postprocess(outputs, config), letterboxes)]
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Backend inference, split into the artifact's fixed batch size where it has one."""
@@ -128,8 +132,8 @@ class Detector:
             parts.append({k: v[:n] for k, v in self.backend.infer(chunk).items()})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def postprocess(self, outputs: dict[str, np.ndarray]) -> list[Detections]:
-        """Contract outputs -> per-image detections in network-input pixels."""
+    def postprocess(self, outputs: dict[str, np.ndarray], config: DetectConfig | None = None) -> list[Detections]:
+        """Contract outputs -> per-image detections in network-input pixels (``config`` as in detect)."""
         if all(k in outputs for k in NMS_OUTPUTS):
             num, boxes, scores, classes = (outputs[k] for k in NMS_OUTPUTS)
             result = []
@@ -140,7 +144,7 @@ class Detector:
             return result
         from .nms_reference import non_max_suppression
 
-        c = self.config
+        c = config or self.config
         dets = non_max_suppression(outputs[RAW_OUTPUT], conf=c.conf, iou=c.iou, multi_label=c.multi_label,
                                    agnostic=c.agnostic, max_det=c.max_det)
         return [Detections(d[:, :4].astype(np.float32), d[:, 4].astype(np.float32), d[:, 5].astype(np.int32))

@@ -59,12 +59,8 @@ def evaluate_map(detector: Detector, dataset: Dataset, batch_size: int = 8, prog
     dataset = dataset.for_model(info.names)
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
-    previous, detector.config = detector.config, DetectConfig(**asdict(config))
     t0 = time.perf_counter()
-    try:
-        preds = _predict(detector, dataset, batch_size, progress, desc)
-    finally:
-        detector.config = previous
+    preds = _predict(detector, dataset, batch_size, progress, desc, config)
     stats, per_class = score_coco(dataset.gt, preds, evaluator=evaluator)
     names = {cid: dataset.names[i] for i, cid in enumerate(dataset.category_ids)}
     note = ""
@@ -80,7 +76,8 @@ def evaluate_map(detector: Detector, dataset: Dataset, batch_size: int = 8, prog
                      protocol_note=note)
 
 
-def _predict(detector: Detector, dataset: Dataset, batch_size: int, progress: bool, desc: str) -> list[dict]:
+def _predict(detector: Detector, dataset: Dataset, batch_size: int, progress: bool, desc: str,
+             config: DetectConfig) -> list[dict]:
     from tqdm import tqdm
 
     preds: list[dict] = []
@@ -89,7 +86,7 @@ def _predict(detector: Detector, dataset: Dataset, batch_size: int, progress: bo
         for start in range(0, len(records), batch_size):
             chunk = records[start:start + batch_size]
             images = [read_image(r.path) for r in chunk]
-            for rec, det in zip(chunk, detector.detect(images)):
+            for rec, det in zip(chunk, detector.detect(images, config)):
                 preds += detections_to_coco(det, rec.id, dataset.category_ids)
             bar.update(len(chunk))
     return preds

@@ -115,10 +115,5 @@ def check_parity(reference: Detector, candidate: Detector, batch: np.ndarray,
     finite = all(np.isfinite(v).all() for v in out.values() if np.issubdtype(v.dtype, np.floating))
     cfg = reference_config(candidate.info)
     raw = compare_raw(ref_out[RAW_OUTPUT], out[RAW_OUTPUT]) if RAW_OUTPUT in out else {}
-    saved = reference.config, candidate.config
-    reference.config, candidate.config = cfg, cfg
-    try:
-        dets = match_detections(reference.postprocess(ref_out), candidate.postprocess(out))
-    finally:
-        reference.config, candidate.config = saved
+    dets = match_detections(reference.postprocess(ref_out, cfg), candidate.postprocess(out, cfg))
     return ParityResult(n_images=len(batch), finite=bool(finite), raw=raw, detections=dets, detect_config=asdict(cfg))
