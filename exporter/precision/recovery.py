@@ -19,6 +19,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from runtimes.contract import INPUT_NAME, RAW_OUTPUT, ModelInfo
+from runtimes.contract import RAW_OUTPUT, ModelInfo
 
 from ..errors import UserError
 from ..options import CalibOptions
@@ -102,16 +103,29 @@ def _eval_set(calib: CalibOptions, images: CalibImages):
                         f"{images.source} has no labels: {exc})") from exc
 
 
-def _map(proto: onnx.ModelProto, dataset):
+@contextlib.contextmanager
+def _detector(proto: onnx.ModelProto):
+    """An in-memory graph behind the project's ONNX Runtime backend (it reads models from files)."""
     from runtimes.base import Detector
     from runtimes.onnx_backend import OnnxBackend
 
-    from ..check.evaluate import evaluate_map
-
-    with tempfile.TemporaryDirectory(prefix="yolo7_int8_eval_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="yolo7_int8_") as tmp:
         path = Path(tmp) / "model.onnx"
         onnx.save_model(proto, str(path))
-        return evaluate_map(Detector(OnnxBackend(path)), dataset, progress=False)
+        yield Detector(OnnxBackend(path))
+
+
+def _map(proto: onnx.ModelProto, dataset):
+    from ..check.evaluate import evaluate_map
+
+    with _detector(proto) as detector:
+        return evaluate_map(detector, dataset, progress=False)
+
+
+def _run(proto: onnx.ModelProto, batch: np.ndarray) -> np.ndarray:
+    """Raw output on ``batch``; Detector.run splits it into the graph's fixed batch size where it has one."""
+    with _detector(proto) as detector:
+        return detector.run(batch)[RAW_OUTPUT]
 
 
 # ------------------------------------------------------------------------------------------ sensitivity
@@ -119,12 +133,12 @@ def layer_sensitivity(fp32: onnx.ModelProto, qproto: onnx.ModelProto, convs: lis
                       info: ModelInfo) -> list[tuple[str, float]]:
     """(conv, error) for every quantized conv, most sensitive first (see the module docstring)."""
     index = np.unique(np.linspace(0, len(images.paths) - 1, min(SENSITIVITY_IMAGES, len(images.paths))).astype(int))
-    batches = _batches(load_batch([images.paths[i] for i in index], info.imgsz), info.batch)
-    reference = _run(fp32, batches)
+    batch = load_batch([images.paths[i] for i in index], info.imgsz)
+    reference = _run(fp32, batch)
     producer = {o: n.op_type for n in qproto.graph.node for o in n.output}
     quantized = {n.name for n in qproto.graph.node if n.op_type == "Conv"
                  and any(producer.get(i) == "DequantizeLinear" for i in n.input[:2])}
-    scores = [(name, detection_error(reference, _run(single_layer_variant(fp32, qproto, name), batches)))
+    scores = [(name, detection_error(reference, _run(single_layer_variant(fp32, qproto, name), batch)))
               for name in convs if name in quantized]
     return sorted(scores, key=lambda item: -item[1])
 
@@ -169,20 +183,3 @@ def single_layer_variant(fp32: onnx.ModelProto, qproto: onnx.ModelProto, conv: s
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     return out
-
-
-def _batches(batch: np.ndarray, fixed: int | None) -> list[np.ndarray]:
-    if not fixed:
-        return [batch]
-    n = -(-len(batch) // fixed) * fixed
-    batch = np.concatenate([batch, batch[:n - len(batch)]]) if n > len(batch) else batch
-    return [batch[i:i + fixed] for i in range(0, n, fixed)]
-
-
-def _run(proto: onnx.ModelProto, batches: list[np.ndarray]) -> np.ndarray:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run([RAW_OUTPUT], {INPUT_NAME: b})[0] for b in batches])
