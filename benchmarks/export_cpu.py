@@ -16,7 +16,6 @@ import argparse
 import copy
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from exporter.artifacts import versions, write_bytes_atomic, write_json_atomic  # noqa: E402
+from exporter.check.environment import cpu_name  # noqa: E402
+from exporter.check.latency import warm_and_time  # noqa: E402
 from exporter.checkpoint import load_checkpoint  # noqa: E402
 from exporter.fuse import fuse_model  # noqa: E402
 from exporter.model import BuildSpec, YoloModel  # noqa: E402
@@ -50,14 +51,8 @@ def full_size_model(name: str) -> YoloModel:
 
 
 def median_ms(fn, runs: int, warmup: int = 5) -> tuple[float, float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times), float(np.percentile(times, 90))
+    t = warm_and_time(fn, runs, warmup)
+    return t["p50"], t["p90"]
 
 
 def bench(name: str, runs: int, threads: int) -> dict:
@@ -86,12 +81,7 @@ def bench(name: str, runs: int, threads: int) -> dict:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "versions": versions()}
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(), "versions": versions()}
 
 
 def main() -> None:

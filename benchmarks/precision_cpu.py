@@ -31,6 +31,7 @@ from exporter.artifacts import write_bytes_atomic, write_json_atomic  # noqa: E4
 from exporter.check.dataset import load_dataset  # noqa: E402
 from exporter.check.environment import describe_device, report_versions  # noqa: E402
 from exporter.check.evaluate import evaluate_map  # noqa: E402
+from exporter.check.latency import warm_and_time  # noqa: E402
 from exporter.onnx_export import ExportConfig, export_onnx  # noqa: E402
 from exporter.options import CalibOptions  # noqa: E402
 from exporter.pipeline import load_fused  # noqa: E402
@@ -47,14 +48,8 @@ IMGSZ = (320, 320)
 
 
 def latency_ms(backend: OnnxBackend, x: np.ndarray, runs: int, warmup: int = 10) -> tuple[float, float]:
-    for _ in range(warmup):
-        backend.infer(x)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        backend.infer(x)
-        times.append((time.perf_counter() - t) * 1000)
-    return float(np.median(times)), float(np.percentile(times, 90))
+    t = warm_and_time(lambda: backend.infer(x), runs, warmup)
+    return t["p50"], t["p90"]
 
 
 def fp16_deviation(fp32: OnnxBackend, fp16: OnnxBackend, dataset) -> dict:

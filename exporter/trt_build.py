@@ -23,6 +23,7 @@ from runtimes import trt_env
 from runtimes.contract import ModelInfo
 
 from .artifacts import atomic_path, write_bytes_atomic
+from .checkpoint import sha256_file
 from .errors import UserError
 from .options import TrtOptions
 
@@ -239,7 +240,7 @@ def build_engine(onnx_path: Path, engine_path: Path, info: ModelInfo, opts: TrtO
         "precision": info.precision,
         "io": _tensors(network, True) + _tensors(network, False),
         "plugins": [asdict(p) for p in plugins],
-        "source_onnx": {"file": onnx_path.name, "sha256": _sha256(onnx_path)},
+        "source_onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)},
         "build": {"strongly_typed": True, "network_flags": network_flags(trt),
                   "workspace_gib": opts.workspace_gib, "opt_level": opts.opt_level,
                   "version_compatible": bool(opts.version_compatible),
@@ -258,9 +259,3 @@ def build_engine(onnx_path: Path, engine_path: Path, info: ModelInfo, opts: TrtO
     log.info("wrote %s (%.1f MB) in %.1f s; same build with trtexec: %s", engine_path, len(data) / 1e6, total,
              command)
     return BuildResult(engine_path, side, command, trt.__version__, profile, t_parse - t0, t_build - t_parse, total)
-
-
-def _sha256(path: Path) -> str:
-    from .checkpoint import sha256_file
-
-    return sha256_file(path)

@@ -40,6 +40,25 @@ def percentiles(times_s: list[float]) -> dict:
             "mean": float(ms.mean()), "min": float(ms.min())}
 
 
+def time_calls(fn, runs: int, sync=lambda: None, after_each=lambda: None) -> list[float]:
+    """Seconds taken by each of ``runs`` calls of ``fn`` (``sync`` waits for queued device work)."""
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+        after_each()
+    return times
+
+
+def warm_and_time(fn, runs: int, warmup: int) -> dict:
+    """``warmup`` untimed calls, then :func:`percentiles` of ``runs`` timed ones (the benchmarks' clock)."""
+    for _ in range(warmup):
+        fn()
+    return percentiles(time_calls(fn, runs))
+
+
 def measure_latency(detector: Detector, images_bgr: list[np.ndarray], batch: int, runs: int = 30, warmup: int = 5,
                     progress: bool = True, desc: str = "latency", cuda: bool = False) -> LatencyResult:
     """Time ``detector`` on ``batch`` images (cycled from ``images_bgr``)."""
@@ -51,19 +70,13 @@ def measure_latency(detector: Detector, images_bgr: list[np.ndarray], batch: int
     x, _ = preprocess(imgs, detector.info.imgsz)
     sync = _cuda_sync if cuda else (lambda: None)
     mem = MemoryPeak(cuda)  # around the warm-up too: that is where this batch size's buffers get allocated
-    model_t, e2e_t = [], []
     with mem, tqdm(total=2 * runs, desc=desc, unit="run", disable=not progress, leave=False) as bar:
         for _ in range(warmup):
             detector.run(x)
             detector.detect(imgs)
         sync()
-        for fn, times in ((lambda: detector.run(x), model_t), (lambda: detector.detect(imgs), e2e_t)):
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                times.append(time.perf_counter() - t0)
-                bar.update()
+        model_t = time_calls(lambda: detector.run(x), runs, sync, bar.update)
+        e2e_t = time_calls(lambda: detector.detect(imgs), runs, sync, bar.update)
     model, e2e = percentiles(model_t), percentiles(e2e_t)
     return LatencyResult(batch=batch, runs=runs, warmup=warmup, model_ms=model, e2e_ms=e2e,
                          fps=batch * 1000.0 / model["p50"], fps_e2e=batch * 1000.0 / e2e["p50"],
