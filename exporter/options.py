@@ -11,12 +11,16 @@ from .onnx_export import DEFAULT_OPSET
 class NmsOptions:
     """The NMS tail appended to the graph (nms_tail.py)."""
 
-    mode: str = "none"  # none | efficient | onnx
+    mode: str = "none"  # none | efficient | onnx | portable (| auto, resolved by pipeline.resolve_nms_mode)
     conf: float = 0.25
     iou: float = 0.45
     topk: int = 100  # max detections per image (K)
     agnostic: bool = False
-    best_class: bool = False  # onnx tail only: one label per box, like the official non_max_suppression
+    best_class: bool = False  # onnx/portable tails: one label per box, like the official non_max_suppression
+    # score = obj alone when nc == 1 (official detection rule: a single-class model's class output is never
+    # trained). The official pose NMS and the u7 seg NMS use obj * cls always: those heads set it False.
+    obj_only_single_class: bool = True
+    candidates: int = 1024  # portable tail: pre-NMS candidate cap (<= 3840, TensorRT's TopK limit)
 
 
 @dataclass
@@ -43,6 +47,8 @@ class TrtOptions:
     hardware_compat: str | None = None  # None | 'ampere+'
     opt_batch: int | None = None
     max_batch: int | None = None
+    lib: str = "auto"  # --trt-lib auto | tensorrt | rtx; preflight() resolves 'auto' to the library it found
+    arch: tuple[str, ...] | None = None  # --trt-arch (TensorRT-RTX targets, e.g. ('sm86', 'sm120'))
 
 
 @dataclass

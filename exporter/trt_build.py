@@ -8,6 +8,16 @@ builder flags and weak typing; on 10.x the same behaviour needs ``NetworkDefinit
 Dynamic batch profile (``--dynamic-batch``): min 1, opt ``TrtOptions.opt_batch`` or ``--batch``, max
 ``TrtOptions.max_batch`` or max(opt, 32). 32 covers the usual serving batch sizes; a larger max costs build
 time and activation memory, a smaller one makes larger batches fail at run time.
+
+Two libraries, one code path (``--trt-lib``, resolved by ``trt_env.import_library``):
+
+* TensorRT 10/11 builds on (and for) the GPU of this machine.
+* TensorRT-RTX builds ahead of time WITHOUT a GPU, for the compute capabilities named by ``--trt-arch``
+  (default: this machine's GPU when it has one, else ``DEFAULT_RTX_TARGETS``); kernels are compiled at run
+  time on the RTX GPU. It has no plugin library (no EfficientNMS_TRT): the portable NMS tail builds there.
+
+``build_plan`` is the parse + configure + build core shared by ``build_engine`` (files + sidecar) and the
+test helper ``tests/rtx_util.py``, so the tests that build real engines run the production code.
 """
 from __future__ import annotations
 
@@ -30,17 +40,39 @@ from .options import TrtOptions
 log = logging.getLogger("yolo7_export")
 
 DEFAULT_MAX_BATCH = 32
+# Without a GPU to target, RTX engines are built for the set TensorRT-RTX itself documents as its portable
+# default (Ampere 8.0/8.6, Ada 8.9, Blackwell 12.0), named explicitly so the sidecar can say what was built.
+# Turing (sm75) is left out as the library does: mixing it in costs the other targets speed; ask for it with
+# --trt-arch sm75.
+DEFAULT_RTX_TARGETS = ("sm80", "sm86", "sm89", "sm120")
 HARDWARE_COMPAT = {"ampere+": "AMPERE_PLUS"}  # CLI value -> tensorrt.HardwareCompatibilityLevel member
 
 
 @dataclass(frozen=True)
 class Profile:
-    """The optimization profile of the (single) image input: shapes for min, opt and max batch."""
+    """The optimization profile of one input: shapes for min, opt and max (batch, and H/W with --dynamic)."""
 
     input_name: str
     min: tuple[int, ...]
     opt: tuple[int, ...]
     max: tuple[int, ...]
+
+
+@dataclass
+class Plan:
+    """A serialized engine fresh from the builder, with what built it (no files written yet)."""
+
+    data: bytes
+    library: str  # 'tensorrt' | 'tensorrt-rtx'
+    version: str
+    targets: list[str]  # RTX: the compute capabilities compiled for ('sm86', ...); TensorRT 10/11: []
+    io: list[dict]
+    profiles: list[Profile]
+    plugins: list
+    network_flags: int
+    device: trt_env.CudaDevice | None
+    parse_s: float
+    build_s: float
 
 
 @dataclass
@@ -53,6 +85,32 @@ class BuildResult:
     parse_s: float
     build_s: float
     total_s: float
+    library: str = "tensorrt"
+    targets: tuple[str, ...] = ()
+
+
+def parse_arch(value: str | None) -> tuple[str, ...] | None:
+    """'sm86,sm89,sm120' (also '8.6', '86', 'all') -> ('sm86', 'sm89', 'sm120'); None when not given."""
+    if value is None or not str(value).strip():
+        return None
+    out: list[str] = []
+    for raw in str(value).replace(" ", ",").split(","):
+        item = raw.strip().lower()
+        if not item:
+            continue
+        if item == "all":
+            out += [t for t in trt_env.RTX_TARGETS if t not in out]
+            continue
+        digits = item.removeprefix("sm_").removeprefix("sm").replace(".", "")
+        name = f"sm{digits}"
+        if not digits.isdigit() or name not in trt_env.RTX_TARGETS:
+            raise UserError(f"--trt-arch {raw.strip()!r}: expected compute capabilities among "
+                            f"{','.join(trt_env.RTX_TARGETS)} (or 'all')")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise UserError("--trt-arch is empty: name at least one compute capability, e.g. sm86")
+    return tuple(out)
 
 
 def check_options(opts: TrtOptions) -> None:
@@ -63,37 +121,120 @@ def check_options(opts: TrtOptions) -> None:
         raise UserError(f"--workspace must be > 0 GiB (got {opts.workspace_gib})")
     if opts.opt_level is not None and not 0 <= opts.opt_level <= 5:
         raise UserError(f"--opt-level must be within 0..5 (got {opts.opt_level})")
+    if opts.lib not in trt_env.LIBS:
+        raise UserError(f"--trt-lib {opts.lib!r}: expected one of {', '.join(trt_env.LIBS)}")
+    if opts.arch is not None:
+        parse_arch(",".join(opts.arch))
+        if opts.lib == "tensorrt":
+            raise UserError("--trt-arch needs TensorRT-RTX (--trt-lib rtx): TensorRT 10/11 builds for the GPU of "
+                            "the machine it runs on")
+
+
+def check_nms(opts: TrtOptions, nms_mode: str) -> None:
+    """NMS tails an engine cannot carry, refused before export (call after ``preflight`` resolved ``opts.lib``)."""
+    if nms_mode != "efficient":
+        return
+    if opts.lib == "rtx":
+        raise UserError("--nms efficient needs TensorRT's plugin library, which TensorRT-RTX does not have: use "
+                        "--nms portable (plugin-free NMS tail), or --trt-lib tensorrt on a GPU host")
+    if opts.version_compatible:
+        raise UserError("--version-compatible with --nms efficient: the EfficientNMS_TRT plugin would be neither "
+                        "serialized into the engine nor loadable by the lean runtime; use --nms portable "
+                        "(plugin-free NMS tail) or drop --version-compatible")
 
 
 def preflight(opts: TrtOptions):
-    """Fail fast (before a long export or calibration) if no engine can be built on this machine."""
+    """Fail fast (before a long export or calibration) if no engine can be built on this machine.
+
+    Resolves ``opts.lib`` ('auto' -> 'tensorrt' or 'rtx') so later stages (the NMS choice) know the library.
+    """
     check_options(opts)
-    trt = trt_env.import_tensorrt()
-    device = trt_env.require_gpu()
-    _check_hardware_compat(opts, device)
+    trt = trt_env.import_library(opts.lib)
+    opts.lib = "rtx" if trt_env.is_rtx(trt) else "tensorrt"
+    check_options(opts)  # --trt-arch with a library resolved from auto
+    if opts.lib == "rtx":
+        if opts.hardware_compat not in (None, "none"):
+            raise UserError("--hardware-compat is a TensorRT 10/11 option; with TensorRT-RTX name the target GPUs "
+                            "with --trt-arch")
+        resolve_targets(trt, opts.arch, announce=False)
+    else:
+        device = trt_env.require_gpu()
+        _check_hardware_compat(opts, device)
     trt_env.create(trt, trt.Builder, trt_env.make_logger(trt), "builder")
+    warn_if_cannot_run()
     return trt
 
 
+def warn_if_cannot_run() -> None:
+    """Building works without CUDA torch; running or checking the engine here does not (say so once)."""
+    try:
+        import torch
+    except ImportError:
+        log.warning("PyTorch is not installed: running or checking the engine (yolo7-detect, yolo7-bench, "
+                    "--check) needs a CUDA build of torch on a GPU host")
+        return
+    if not torch.version.cuda:
+        log.warning("torch %s here is a CPU build: the engine can be built, but running or checking it "
+                    "(yolo7-detect, yolo7-bench, --check) needs a CUDA build of torch on a GPU host "
+                    "(or trtexec --loadEngine)", torch.__version__)
+
+
+def resolve_targets(trt, arch: tuple[str, ...] | None, announce: bool = True) -> list[str]:
+    """The compute capabilities an RTX engine is compiled for; [] for TensorRT 10/11 (the local GPU)."""
+    if not trt_env.is_rtx(trt):
+        return []
+    if arch:
+        targets, why = list(arch), "from --trt-arch"
+    else:
+        device = trt_env.cuda_device()
+        local = f"sm{device.compute_capability[0]}{device.compute_capability[1]}" if device else None
+        if local in trt_env.RTX_TARGETS:
+            targets, why = [local], f"this machine's GPU ({device.name})"
+        else:
+            targets = list(DEFAULT_RTX_TARGETS)
+            why = (f"default set; {device.name} (compute capability {device.cc}) is not an RTX target" if device
+                   else "default set, no GPU here; choose with --trt-arch")
+    for t in targets:
+        if not hasattr(trt.ComputeCapability, t.upper()):
+            raise UserError(f"TensorRT-RTX {trt.__version__} cannot build for {t}; it knows "
+                            f"{', '.join(m.lower() for m in trt.ComputeCapability.__members__ if m.startswith('SM'))}")
+    if announce:
+        log.info("TensorRT-RTX targets: %s (%s)", ",".join(targets), why)
+    return targets
+
+
 def resolve_profile(input_name: str, shape: tuple[int, ...], info: ModelInfo, opts: TrtOptions, batch: int,
-                    dynamic: bool) -> Profile | None:
-    """Profile for a dynamic-batch input; None for a fully static input (TensorRT needs no profile then)."""
+                    dynamic: bool, sizes: tuple[tuple[int, int], tuple[int, int]] | None = None) -> Profile | None:
+    """Profile for a dynamic input; None for a fully static input (TensorRT needs no profile then).
+
+    Batch: min 1, opt ``opt_batch`` or ``batch``, max ``max_batch`` or max(opt, 32). Height/width (dynamic-size
+    exports): min/max from ``sizes`` ((min_h, min_w), (max_h, max_w)), opt = the export size ``info.imgsz``.
+    """
     dims = list(shape)
     if len(dims) != 4:
         raise UserError(f"input {input_name!r} has shape {tuple(shape)}; expected [batch, 3, height, width]")
-    fixed = [3, *info.imgsz]
-    for i in (1, 2, 3):
-        if dims[i] < 0:
-            dims[i] = fixed[i - 1]
-    if dims[0] >= 0:  # static batch in the ONNX: TensorRT needs no profile (one would have to match it)
+    if dims[1] < 0:
+        dims[1] = 3
+    hw_dynamic = dims[2] < 0 or dims[3] < 0
+    if dims[0] >= 0 and not hw_dynamic:  # fully static: TensorRT needs no profile (one would have to match it)
         if dynamic:
             log.warning("%s has a fixed batch of %d; building a fixed-batch engine", input_name, dims[0])
         return None
-    opt = opts.opt_batch or batch
-    top = opts.max_batch or max(opt, DEFAULT_MAX_BATCH)
-    if not 1 <= opt <= top:
-        raise UserError(f"dynamic batch profile needs 1 <= opt ({opt}) <= max ({top})")
-    return Profile(input_name, (1, *dims[1:]), (opt, *dims[1:]), (top, *dims[1:]))
+    if dims[0] >= 0:
+        lo_b = opt_b = top_b = dims[0]
+    else:
+        lo_b, opt_b = 1, opts.opt_batch or batch
+        top_b = opts.max_batch or max(opt_b, DEFAULT_MAX_BATCH)
+        if not 1 <= opt_b <= top_b:
+            raise UserError(f"dynamic batch profile needs 1 <= opt ({opt_b}) <= max ({top_b})")
+    opt_hw = tuple(info.imgsz)
+    if hw_dynamic:
+        lo_hw, top_hw = sizes if sizes is not None else (opt_hw, opt_hw)
+        if not all(lo <= o <= hi for lo, o, hi in zip(lo_hw, opt_hw, top_hw)):
+            raise UserError(f"dynamic size profile needs min {lo_hw} <= opt {opt_hw} <= max {top_hw} (H, W)")
+    else:
+        lo_hw = opt_hw = top_hw = (dims[2], dims[3])
+    return Profile(input_name, (lo_b, dims[1], *lo_hw), (opt_b, dims[1], *opt_hw), (top_b, dims[1], *top_hw))
 
 
 def _shape_arg(profile: Profile, which: str) -> str:
@@ -101,10 +242,17 @@ def _shape_arg(profile: Profile, which: str) -> str:
 
 
 def trtexec_command(onnx_path: Path, engine_path: Path, opts: TrtOptions, profile: Profile | None,
-                    trt_major: int) -> str:
-    """The trtexec command line that builds the same engine (for the manifest, and for users who prefer it)."""
-    args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}", "--skipInference"]
-    if trt_major < 11:  # 11.x: strongly typed always, --stronglyTyped is a deprecated no-op
+                    trt_major: int, targets: list[str] | None = None) -> str:
+    """The trtexec command line that builds the same engine (for the manifest, and for users who prefer it).
+
+    With TensorRT-RTX the tool is ``tensorrt_rtx`` (its trtexec). Its flag for target compute capabilities is
+    not verified here, so that line builds for the tool's default targets; the sidecar's ``targets`` records
+    what our build compiled for.
+    """
+    rtx = bool(targets)
+    args = ["tensorrt_rtx" if rtx else "trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}",
+            "--skipInference"]
+    if not rtx and trt_major < 11:  # 11.x and RTX: strongly typed always, --stronglyTyped is a no-op
         args.append("--stronglyTyped")
     if profile is not None:
         args += [f"--minShapes={_shape_arg(profile, 'min')}", f"--optShapes={_shape_arg(profile, 'opt')}",
@@ -123,8 +271,8 @@ def trtexec_command(onnx_path: Path, engine_path: Path, opts: TrtOptions, profil
 
 
 def network_flags(trt) -> int:
-    """Strongly typed network: the flag on 10.x; on 11.x every network is strongly typed (flag deprecated)."""
-    if trt_env.trt_major(trt) >= 11:
+    """Strongly typed network: the flag on 10.x; 11.x and TensorRT-RTX are strongly typed only (no flag)."""
+    if trt_env.is_rtx(trt) or trt_env.trt_major(trt) >= 11:
         return 0
     return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
@@ -159,7 +307,8 @@ def _tensors(network, inputs: bool) -> list[dict]:
     return out
 
 
-def _configure(trt, builder, network, config, opts: TrtOptions, profile: Profile | None) -> None:
+def _configure(trt, builder, network, config, opts: TrtOptions, profiles: list[Profile],
+               targets: list[str]) -> None:
     if opts.workspace_gib is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_gib * (1 << 30)))
     if opts.opt_level is not None:
@@ -171,9 +320,15 @@ def _configure(trt, builder, network, config, opts: TrtOptions, profile: Profile
         member = HARDWARE_COMPAT[opts.hardware_compat]
         config.hardware_compatibility_level = trt_env.require_attr(
             trt, f"HardwareCompatibilityLevel.{member}", f"--hardware-compat {opts.hardware_compat}")
-    if profile is not None:
+    if targets:
+        config.num_compute_capabilities = len(targets)
+        for i, t in enumerate(targets):
+            if not config.set_compute_capability(getattr(trt.ComputeCapability, t.upper()), i):
+                raise UserError(f"TensorRT-RTX {trt.__version__} refused target {t}")
+    if profiles:
         p = builder.create_optimization_profile()
-        p.set_shape(profile.input_name, profile.min, profile.opt, profile.max)
+        for prof in profiles:
+            p.set_shape(prof.input_name, prof.min, prof.opt, prof.max)
         config.add_optimization_profile(p)
 
 
@@ -192,56 +347,147 @@ def _attach_timing_cache(config, path: Path | None):
     return cache
 
 
+def _plugins_of(source: bytes | Path, name: str) -> list[trt_env.PluginOp]:
+    import onnx
+
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            import tempfile
+
+            model = onnx.load_from_string(bytes(source))
+            with tempfile.TemporaryDirectory() as tmp:  # plugin_ops reads a file
+                path = Path(tmp) / "m.onnx"
+                onnx.save(model, str(path))
+                return trt_env.plugin_ops(path)
+        return trt_env.plugin_ops(Path(source))
+    except (onnx.onnx_cpp2py_export.checker.ValidationError, ValueError, OSError) as exc:
+        raise UserError(f"{name} is not a readable ONNX model ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    except Exception as exc:  # protobuf DecodeError and friends
+        if type(exc).__module__.startswith("google.protobuf"):
+            raise UserError(f"{name} is not a readable ONNX model ({exc})") from exc
+        raise
+
+
+def _fill_profile(name: str, shape: tuple[int, ...]) -> Profile:
+    """Test default for a dynamic input without given shapes: every dynamic dim 1 (min/opt) .. 2 (max)."""
+    lo = tuple(d if d >= 0 else 1 for d in shape)
+    hi = tuple(d if d >= 0 else 2 for d in shape)
+    return Profile(name, lo, lo, hi)
+
+
+def build_plan(source: bytes | Path, *, lib: str = "auto", opts: TrtOptions | None = None,
+               targets: tuple[str, ...] | None = None, shapes: dict | None = None, profile_for=None,
+               fill_profile: bool = False, name: str = "model.onnx") -> Plan:
+    """Parse + build an ONNX (file path or serialized bytes) into a serialized engine, nothing written.
+
+    Profiles: ``profile_for(input_name, shape) -> Profile | None`` (the exporter's rule), else ``shapes``
+    ({input: (min, opt, max)}), else with ``fill_profile`` a small default; a dynamic input left without a
+    profile is an error. ``targets`` (RTX) defaults to ``resolve_targets``.
+    """
+    t0 = time.perf_counter()
+    opts = opts or TrtOptions(enabled=True, lib=lib)
+    check_options(opts)
+    trt = trt_env.import_library(lib if lib != "auto" else opts.lib)
+    rtx = trt_env.is_rtx(trt)
+    device = None
+    if rtx:
+        if opts.hardware_compat not in (None, "none"):
+            raise UserError("--hardware-compat is a TensorRT 10/11 option; with TensorRT-RTX name the target GPUs "
+                            "with --trt-arch")
+        chosen = resolve_targets(trt, tuple(targets) if targets else opts.arch)
+    else:
+        device = trt_env.require_gpu()
+        _check_hardware_compat(opts, device)
+        chosen = []
+    logger = trt_env.make_logger(trt)
+    builder = trt_env.create(trt, trt.Builder, logger, "builder")
+    plugins = _plugins_of(source, name)
+    if plugins and rtx:
+        raise UserError(f"{name} uses the TensorRT plugin(s) {', '.join(p.op_type for p in plugins)}, and "
+                        f"TensorRT-RTX has no plugin library: export with --nms portable (plugin-free NMS tail)")
+    if plugins and opts.version_compatible:
+        check_nms(opts, "efficient")
+    if not rtx:
+        trt_env.init_plugins(trt, logger, plugins)  # before parsing: the parser resolves EfficientNMS_TRT there
+
+    flags = network_flags(trt)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    ok = parser.parse(bytes(source)) if isinstance(source, (bytes, bytearray)) else parser.parse_from_file(str(source))
+    if not ok:
+        raise UserError(f"{trt_env.library(trt)} {trt.__version__} could not parse {name}: {parser_errors(parser)}")
+    t_parse = time.perf_counter()
+    profiles = []
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shape = tuple(int(d) for d in tensor.shape)
+        prof = None
+        if profile_for is not None:
+            prof = profile_for(tensor.name, shape)
+        elif shapes and tensor.name in shapes:
+            lo, opt, hi = shapes[tensor.name]
+            prof = Profile(tensor.name, tuple(lo), tuple(opt), tuple(hi))
+        elif fill_profile and any(d < 0 for d in shape):
+            prof = _fill_profile(tensor.name, shape)
+        if prof is None and any(d < 0 for d in shape):
+            raise UserError(f"input {tensor.name!r} of {name} has dynamic shape {shape} and no profile")
+        if prof is not None:
+            profiles.append(prof)
+
+    config = builder.create_builder_config()
+    _configure(trt, builder, network, config, opts, profiles, chosen)
+    cache = _attach_timing_cache(config, opts.timing_cache)
+    where = f"for {','.join(chosen)}" if rtx else f"on {device.name}"
+    log.info("building %s %s engine %s; this can take minutes", trt_env.library(trt), trt.__version__, where)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise UserError(f"{trt_env.library(trt)} {trt.__version__} could not build the engine for {name}: "
+                        f"{logger.last_error or 'see the TensorRT log above'}")
+    data = bytes(plan)
+    t_build = time.perf_counter()
+    if cache is not None:
+        write_bytes_atomic(Path(opts.timing_cache), bytes(config.get_timing_cache().serialize()))
+    return Plan(data, trt_env.library(trt), trt.__version__, chosen, _tensors(network, True) + _tensors(network, False),
+                profiles, plugins, flags, device, t_parse - t0, t_build - t_parse)
+
+
 def build_engine(onnx_path: Path, engine_path: Path, info: ModelInfo, opts: TrtOptions, batch: int,
-                 dynamic: bool) -> BuildResult:
+                 dynamic: bool, sizes: tuple[tuple[int, int], tuple[int, int]] | None = None) -> BuildResult:
     """Build ``engine_path`` (+ ``<engine>.json`` sidecar) from ``onnx_path``; both written atomically."""
     t0 = time.perf_counter()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not onnx_path.is_file():
         raise UserError(f"ONNX file not found: {onnx_path}")
     check_options(opts)
-    trt = trt_env.import_tensorrt()
-    device = trt_env.require_gpu()
-    _check_hardware_compat(opts, device)
-    logger = trt_env.make_logger(trt)
-    builder = trt_env.create(trt, trt.Builder, logger, "builder")
-    plugins = trt_env.plugin_ops(onnx_path)
-    trt_env.init_plugins(trt, logger, plugins)  # before parsing: the parser resolves EfficientNMS_TRT there
+    inputs: list[str] = []
 
-    network = builder.create_network(network_flags(trt))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        raise UserError(f"TensorRT {trt.__version__} could not parse {onnx_path.name}: {parser_errors(parser)}")
-    t_parse = time.perf_counter()
-    if network.num_inputs != 1:
-        raise UserError(f"{onnx_path.name} has {network.num_inputs} inputs; expected one image input")
-    image = network.get_input(0)
-    profile = resolve_profile(image.name, tuple(int(d) for d in image.shape), info, opts, batch, dynamic)
+    def profile_for(name: str, shape: tuple[int, ...]) -> Profile | None:
+        inputs.append(name)
+        if len(inputs) > 1:
+            raise UserError(f"{onnx_path.name} has more than one input; expected one image input")
+        return resolve_profile(name, shape, info, opts, batch, dynamic, sizes)
 
-    config = builder.create_builder_config()
-    _configure(trt, builder, network, config, opts, profile)
-    cache = _attach_timing_cache(config, opts.timing_cache)
-    log.info("building TensorRT %s engine (%s) on %s; this can take minutes", trt.__version__, info.precision,
-             device.name)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise UserError(f"TensorRT could not build the engine: {logger.last_error or 'see the TensorRT log above'}")
-    data = bytes(plan)
-    t_build = time.perf_counter()
-    if cache is not None:
-        write_bytes_atomic(Path(opts.timing_cache), bytes(config.get_timing_cache().serialize()))
-
-    command = trtexec_command(onnx_path, engine_path, opts, profile, trt_env.trt_major(trt))
+    plan = build_plan(onnx_path, lib=opts.lib, opts=opts, profile_for=profile_for, name=onnx_path.name)
+    if len(inputs) != 1:
+        raise UserError(f"{onnx_path.name} has {len(inputs)} inputs; expected one image input")
+    profile = plan.profiles[0] if plan.profiles else None
+    major = trt_env.version_tuple(plan.version)[0]
+    command = trtexec_command(onnx_path, engine_path, opts, profile, major, plan.targets)
+    device = plan.device
     sidecar = {
         "format": trt_env.SIDECAR_FORMAT,
-        "engine": {"file": engine_path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)},
-        "tensorrt": {"version": trt.__version__, "package": trt_env.bindings_package()},
-        "gpu": {"name": device.name, "compute_capability": device.cc, "cuda_driver": device.driver},
+        "engine": {"file": engine_path.name, "sha256": hashlib.sha256(plan.data).hexdigest(), "bytes": len(plan.data)},
+        "tensorrt": {"library": plan.library, "version": plan.version,
+                     "package": trt_env.bindings_package(plan.library)},
+        "targets": plan.targets,
+        "gpu": ({"name": device.name, "compute_capability": device.cc, "cuda_driver": device.driver}
+                if device is not None else None),
         "precision": info.precision,
-        "io": _tensors(network, True) + _tensors(network, False),
-        "plugins": [asdict(p) for p in plugins],
+        "io": plan.io,
+        "plugins": [asdict(p) for p in plan.plugins],
         "source_onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)},
-        "build": {"strongly_typed": True, "network_flags": network_flags(trt),
+        "build": {"strongly_typed": True, "network_flags": plan.network_flags,
                   "workspace_gib": opts.workspace_gib, "opt_level": opts.opt_level,
                   "version_compatible": bool(opts.version_compatible),
                   "hardware_compat": opts.hardware_compat or "none",
@@ -249,13 +495,15 @@ def build_engine(onnx_path: Path, engine_path: Path, info: ModelInfo, opts: TrtO
                   "timing_cache": str(opts.timing_cache) if opts.timing_cache else None},
         "model": asdict(info),
         "trtexec": command,
-        "seconds": {"parse": round(t_parse - t0, 3), "build": round(t_build - t_parse, 3)},
+        "seconds": {"parse": round(plan.parse_s, 3), "build": round(plan.build_s, 3)},
     }
     side = trt_env.sidecar_path(engine_path)
     with atomic_path(engine_path) as tmp_engine, atomic_path(side) as tmp_side:
-        tmp_engine.write_bytes(data)
+        tmp_engine.write_bytes(plan.data)
         tmp_side.write_text(json.dumps(sidecar, indent=2, sort_keys=True, default=str) + "\n")
     total = time.perf_counter() - t0
-    log.info("wrote %s (%.1f MB) in %.1f s; same build with trtexec: %s", engine_path, len(data) / 1e6, total,
-             command)
-    return BuildResult(engine_path, side, command, trt.__version__, profile, t_parse - t0, t_build - t_parse, total)
+    built_for = f" for {','.join(plan.targets)}" if plan.targets else ""
+    log.info("wrote %s (%s %s%s, %.1f MB) in %.1f s; same build from the command line: %s", engine_path,
+             plan.library, plan.version, built_for, len(plan.data) / 1e6, total, command)
+    return BuildResult(engine_path, side, command, plan.version, profile, plan.parse_s, plan.build_s, total,
+                       plan.library, tuple(plan.targets))

@@ -68,6 +68,66 @@ def import_tensorrt():
     return trt
 
 
+# ---------------------------------------------------------------- which TensorRT: tensorrt or TensorRT-RTX
+
+LIBS = ("auto", "tensorrt", "rtx")
+RTX_INSTALL_HINT = 'pip install -e ".[rtx]" (tensorrt-rtx-cu13-libs + tensorrt-rtx-cu13-bindings)'
+RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")  # ComputeCapability members of RTX 1.7
+
+
+def import_rtx():
+    """Import TensorRT-RTX (native libraries first, then the bindings) or raise a one-line UserError."""
+    try:
+        import tensorrt_rtx_libs  # noqa: F401  (loads libtensorrt_rtx before the bindings need it)
+        import tensorrt_rtx_bindings as trt
+    except ModuleNotFoundError as exc:
+        raise _error(f"TensorRT-RTX is not installed: {RTX_INSTALL_HINT}") from exc
+    except ImportError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise _error(f"TensorRT-RTX is installed but could not be loaded ({first}): reinstall it with "
+                     f"{RTX_INSTALL_HINT}") from exc
+    return trt
+
+
+def rtx_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt_rtx_bindings") is not None
+
+
+def library(trt) -> str:
+    """'tensorrt-rtx' for the TensorRT-RTX bindings, 'tensorrt' for TensorRT 10/11 (what sidecars record)."""
+    return "tensorrt-rtx" if str(getattr(trt, "__name__", "")).startswith("tensorrt_rtx") else "tensorrt"
+
+
+def is_rtx(trt) -> bool:
+    return library(trt) == "tensorrt-rtx"
+
+
+def import_library(lib: str = "auto"):
+    """The TensorRT module for ``--trt-lib``: 'tensorrt', 'rtx', or 'auto'.
+
+    auto: TensorRT 10/11 when it is installed and this machine has a GPU (it cannot build without one);
+    otherwise TensorRT-RTX when installed (it builds ahead of time without a GPU); otherwise TensorRT's
+    own install error, which also names the RTX extra.
+    """
+    if lib == "rtx":
+        return import_rtx()
+    if lib == "tensorrt":
+        return import_tensorrt()
+    if lib != "auto":
+        raise _error(f"--trt-lib {lib!r}: expected one of {', '.join(LIBS)}")
+    try:
+        trt = import_tensorrt()
+    except Exception as exc:  # UserError (lazy class): not installed or not loadable
+        if rtx_installed():
+            return import_rtx()
+        raise _error(f"{exc}; or, to build without a GPU, TensorRT-RTX: {RTX_INSTALL_HINT}") from exc
+    if rtx_installed() and cuda_device() is None:
+        return import_rtx()
+    return trt
+
+
 def is_stub(trt) -> bool:
     """True for the API-surface stub (trt-stub): importable bindings, no working native library."""
     return bool(getattr(trt, "__trt_stub__", False))
@@ -251,11 +311,13 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def bindings_package() -> str:
+def bindings_package(lib: str = "tensorrt") -> str:
     """Which TensorRT wheel is installed (tells the CUDA major it was built for), e.g. 'tensorrt-cu12-bindings'."""
     from importlib import metadata
 
-    for dist in ("tensorrt-cu13-bindings", "tensorrt-cu12-bindings", "tensorrt-cu13", "tensorrt-cu12", "tensorrt"):
+    names = (("tensorrt-rtx-cu13-bindings", "tensorrt-rtx-cu12-bindings") if lib == "tensorrt-rtx" else
+             ("tensorrt-cu13-bindings", "tensorrt-cu12-bindings", "tensorrt-cu13", "tensorrt-cu12", "tensorrt"))
+    for dist in names:
         try:
             return f"{dist}=={metadata.version(dist)}"
         except metadata.PackageNotFoundError:

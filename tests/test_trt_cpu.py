@@ -84,6 +84,11 @@ def test_build_engine_without_tensorrt_writes_nothing(monkeypatch, tmp_path):
     onnx_path = tmp_path / "m.onnx"
     onnx_path.write_bytes(b"not used")
     with pytest.raises(UserError, match="TensorRT is not installed"):
+        build_engine(onnx_path, tmp_path / "m.engine", INFO, TrtOptions(enabled=True, lib="tensorrt"), 1, False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    # auto with neither library: TensorRT's error, which also names the RTX extra
+    monkeypatch.setattr(trt_env, "rtx_installed", lambda: False)
+    with pytest.raises(UserError, match=r"TensorRT is not installed.*TensorRT-RTX: pip install -e \"\.\[rtx\]\""):
         build_engine(onnx_path, tmp_path / "m.engine", INFO, TrtOptions(enabled=True), 1, False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
