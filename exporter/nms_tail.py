@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from runtimes.contract import NMS_OUTPUTS, RAW_OUTPUT
+from runtimes.contract import NMS_INDICES, NMS_OUTPUTS, RAW_OUTPUT
 
 from .errors import UserError
 from .onnx_export import copy_metadata
@@ -32,8 +32,8 @@ BOXES, SCORES = "nms/boxes", "nms/scores"  # the tails' shared inputs (xyxy [B,N
 
 def validate_nms(nms: NmsOptions) -> None:
     """The CLI checks ranges too; this guards the Python API with the same one-line messages."""
-    if nms.mode not in ("efficient", "onnx"):
-        raise UserError(f"NMS tail must be 'efficient' or 'onnx', got {nms.mode!r}")
+    if nms.mode not in ("efficient", "onnx", "portable"):
+        raise UserError(f"NMS tail must be 'efficient', 'onnx' or 'portable', got {nms.mode!r}")
     if not 0.0 <= nms.conf <= 1.0:
         raise UserError(f"--conf must be within [0, 1], got {nms.conf}")
     if not 0.0 <= nms.iou <= 1.0:
@@ -41,7 +41,7 @@ def validate_nms(nms: NmsOptions) -> None:
     if int(nms.topk) != nms.topk or nms.topk < 1:
         raise UserError(f"--topk must be an integer >= 1, got {nms.topk}")
     if nms.best_class and nms.mode == "efficient":
-        raise UserError("--best-class needs --nms onnx (EfficientNMS_TRT is always multi-label)")
+        raise UserError("--best-class needs --nms onnx or portable (EfficientNMS_TRT is always multi-label)")
 
 
 class _Builder:
@@ -94,15 +94,26 @@ class _Builder:
         return self.op("Gather", [x, self.const(index, np.int64)], {"axis": 1}, dtype=dtype)
 
 
-def append_nms(proto: onnx.ModelProto, nms: NmsOptions) -> onnx.ModelProto:
-    """Raw graph (output ``output`` [B,N,5+nc]) -> the same graph ending in the NMS tail's four outputs."""
+def append_nms(proto: onnx.ModelProto, nms: NmsOptions, nc: int, *, keep_raw: bool = False) -> onnx.ModelProto:
+    """Raw graph (output ``output`` [B,N,>=5+nc]) -> the same graph ending in the NMS tail's outputs.
+
+    ``nc``: number of classes, passed as a value (the raw output may carry extra columns after 5+nc: pose
+    keypoints, mask coefficients; classes are columns 5:5+nc). ``keep_raw``: the raw ``output`` stays a
+    graph output (after the tail's outputs) so a head can gather its extra columns by ``det_indices``.
+    """
     validate_nms(nms)
+    if int(nc) != nc or nc < 1:
+        raise UserError(f"cannot add an NMS tail: number of classes must be an integer >= 1, got {nc}")
+    nc = int(nc)
     graph = gs.import_onnx(proto)
     raw = next((t for t in graph.outputs if t.name == RAW_OUTPUT), None)
     if raw is None:
         raise UserError(f"cannot add an NMS tail: the graph has no '{RAW_OUTPUT}' output "
                         f"(outputs: {[t.name for t in graph.outputs]}); is it already end-to-end?")
-    nc = _num_classes(proto, raw)
+    width = raw.shape[-1] if raw.shape and isinstance(raw.shape[-1], int) else None
+    if width is not None and width < 5 + nc:
+        raise UserError(f"cannot add an NMS tail: '{RAW_OUTPUT}' has {width} values per box, fewer than "
+                        f"5 + {nc} classes")
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 11:
         raise UserError(f"the NMS tail needs opset >= 11 (model has {opset})")
@@ -111,20 +122,26 @@ def append_nms(proto: onnx.ModelProto, nms: NmsOptions) -> onnx.ModelProto:
     K = int(nms.topk)
 
     pred = raw if raw.dtype == np.float32 else b.op("Cast", [raw], {"to": onnx.TensorProto.FLOAT}, dtype=np.float32)
-    boxes, scores = _boxes_and_scores(b, pred, nc)
-    shapes = [[batch, 1], [batch, K, 4], [batch, K], [batch, K]]
-    dtypes = [np.int32, np.float32, np.float32, np.int32]
+    boxes, scores = _boxes_and_scores(b, pred, nc, nms.obj_only_single_class)
+    shapes = [[batch, 1], [batch, K, 4], [batch, K], [batch, K], [batch, K]]
+    dtypes = [np.int32, np.float32, np.float32, np.int32, np.int32]
     if nms.mode == "efficient":
         attrs = {"background_class": -1, "box_coding": 0, "iou_threshold": float(nms.iou),
                  "max_output_boxes": K, "plugin_version": "1", "score_activation": 0,
                  "class_agnostic": int(bool(nms.agnostic)), "score_threshold": float(nms.conf)}
-        outs = b.op("EfficientNMS_TRT", [boxes, scores], attrs, dtype=dtypes, shape=shapes, n_out=4,
+        outs = b.op("EfficientNMS_TRT", [boxes, scores], attrs, dtype=dtypes[:4], shape=shapes[:4], n_out=4,
                     domain=TRT_DOMAIN, out_names=list(NMS_OUTPUTS))
     else:
-        outs = _onnx_tail(b, pred, boxes, scores, nc, nms)
+        if nms.mode == "portable":
+            from .nms_portable import portable_tail
+
+            outs = portable_tail(b, pred, boxes, scores, nc, nms)
+        else:
+            outs = _onnx_tail(b, pred, boxes, scores, nc, nms)
         for t, dt, shp in zip(outs, dtypes, shapes):
             t.dtype, t.shape = dt, shp
-    graph.outputs = outs
+    # keep_raw keeps every raw-graph output (a seg graph's `protos` too), raw `output` first
+    graph.outputs = outs + ([raw] + [t for t in graph.outputs if t is not raw] if keep_raw else [])
     graph.cleanup().toposort()
     # explicit opset list: gs would otherwise append the plugin domain to the *input* model's list
     domains = [onnx.helper.make_opsetid(o.domain, o.version) for o in proto.opset_import if o.domain != TRT_DOMAIN]
@@ -138,34 +155,15 @@ def append_nms(proto: onnx.ModelProto, nms: NmsOptions) -> onnx.ModelProto:
     return model
 
 
-def _num_classes(proto: onnx.ModelProto, raw: gs.Variable) -> int:
-    """From our metadata (the raw output's dims are symbolic with a dynamic batch), else a static last dim."""
-    from .onnx_export import read_info
-
-    static = raw.shape[-1] if raw.shape and isinstance(raw.shape[-1], int) else None
-    try:
-        nc = read_info(proto).nc
-    except UserError:
-        nc = None
-    if nc is not None and static is not None and static != 5 + nc:
-        raise UserError(f"cannot add an NMS tail: metadata says {nc} classes but '{RAW_OUTPUT}' has {static} "
-                        f"values per box (expected {5 + nc})")
-    if nc is not None:
-        return nc
-    if static is not None and static > 5:
-        return static - 5
-    raise UserError("cannot add an NMS tail: the number of classes is unknown (no yolo7-export metadata and "
-                    "no static last dimension on the raw output)")
-
-
-def _boxes_and_scores(b: _Builder, pred, nc: int):
-    """[B,N,5+nc] -> boxes xyxy [B,N,4], scores [B,N,nc] (obj*cls; obj alone when nc == 1)."""
+def _boxes_and_scores(b: _Builder, pred, nc: int, obj_only_single_class: bool = True):
+    """[B,N,>=5+nc] -> boxes xyxy [B,N,4], scores [B,N,nc] (obj*cls; obj alone when nc == 1 and
+    ``obj_only_single_class``)."""
     f32 = np.float32
     xy, wh = b.slice(pred, 0, 2, 2, f32), b.slice(pred, 2, 4, 2, f32)
     half = b.op("Div", [wh, b.const([2.0], f32)], dtype=f32)
     x1y1, x2y2 = b.op("Sub", [xy, half], dtype=f32), b.op("Add", [xy, half], dtype=f32)
     boxes = b.op("Concat", [x1y1, x2y2], {"axis": 2}, dtype=f32, out_names=[BOXES])
-    if nc == 1:
+    if nc == 1 and obj_only_single_class:
         return boxes, b.slice(pred, 4, 5, 2, f32, out_names=[SCORES])
     obj = b.slice(pred, 4, 5, 2, f32)
     cls = b.slice(pred, 5, 5 + nc, 2, f32)
@@ -244,4 +242,6 @@ def _onnx_tail(b: _Builder, pred, boxes, scores, nc: int, nms: NmsOptions) -> li
     num = b.reduce_sum(b.op("Cast", [valid], {"to": onnx.TensorProto.INT32}, dtype=np.int32), 1, keepdims=1,
                        dtype=np.int32)
     num_dets = b.op("Identity", [num], dtype=np.int32, out_names=[NMS_OUTPUTS[0]])
-    return [num_dets, det_boxes, det_scores, det_classes]
+    rows = b.op("Where", [valid, b.op("Gather", [all_n, pick], {"axis": 0}, dtype=i64), b.const(-1, i64)], dtype=i64)
+    det_indices = b.op("Cast", [rows], {"to": onnx.TensorProto.INT32}, dtype=np.int32, out_names=[NMS_INDICES])
+    return [num_dets, det_boxes, det_scores, det_classes, det_indices]

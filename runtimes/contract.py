@@ -5,9 +5,12 @@ The exporter writes it, runtimes/ read it, the check harness relies on it: chang
 Raw graph (``--nms none``):
     images  float32 [B,3,H,W]   RGB, 0..1, letterboxed (runtimes/preprocess.py)
     output  float32 [B,N,5+nc]  cx, cy, w, h (input pixels), objectness, class probabilities
-End-to-end graph (``--nms efficient|onnx``):
+End-to-end graph (``--nms efficient|onnx|portable``):
     num_dets int32 [B,1]; det_boxes float32 [B,K,4] (x1,y1,x2,y2 input pixels);
     det_scores float32 [B,K]; det_classes int32 [B,K]; rows past num_dets are zero.
+    det_indices int32 [B,K] (``onnx`` and ``portable`` tails only; EfficientNMS_TRT cannot report it):
+    the row of each kept detection in the raw output's N anchors, -1 past num_dets. Pose / segmentation
+    gather keypoints or mask coefficients from the raw output by it.
 """
 from __future__ import annotations
 
@@ -17,7 +20,11 @@ from dataclasses import asdict, dataclass, field
 INPUT_NAME = "images"
 RAW_OUTPUT = "output"
 NMS_OUTPUTS = ("num_dets", "det_boxes", "det_scores", "det_classes")
-NMS_MODES = ("none", "efficient", "onnx")
+PROTO_OUTPUT = "protos"  # segmentation: float32 [B,nm,H/4,W/4] prototype masks (beside `output`)
+MASK_OUTPUTS = ("det_masks", "det_coefs")  # seg NMS tail: float32 [B,K,H/4,W/4] masks, [B,K,nm] coefficients
+TASKS = ("detect", "pose", "segment")
+NMS_INDICES = "det_indices"  # int32 [B,K]: kept detection's anchor row in the raw output, -1 past num_dets
+NMS_MODES = ("none", "efficient", "onnx", "portable")
 PRECISIONS = ("fp32", "fp16", "int8")
 META_PREFIX = "yolo7_export."
 
@@ -35,6 +42,8 @@ class ModelInfo:
     source_sha256: str = ""
     tool_version: str = ""
     nms_params: dict = field(default_factory=dict)  # conf, iou, topk, agnostic, best_class
+    task: str = "detect"  # detect | pose | segment (TASKS)
+    nm: int = 0  # segment: mask coefficients per detection (output rows are 5+nc+nm wide)
 
     @property
     def nc(self) -> int:

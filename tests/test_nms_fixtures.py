@@ -19,7 +19,7 @@ from exporter.nms_tail import BOXES, SCORES, append_nms
 from exporter.onnx_export import ExportConfig, export_onnx, read_info
 from exporter.options import NmsOptions
 from exporter.pipeline import load_fused
-from runtimes.contract import NMS_OUTPUTS, ModelInfo
+from runtimes.contract import NMS_INDICES, NMS_OUTPUTS, ModelInfo
 from runtimes.nms_reference import efficient_nms_reference
 
 DATA = Path(__file__).parent / "data" / "official"
@@ -49,8 +49,19 @@ def exported():
     return get
 
 
-def session(model: onnx.ModelProto) -> ort.InferenceSession:
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+class session:  # noqa: N801 - reads like the ORT constructor it wraps
+    """ORT session whose run(None, ...) gives the four contract outputs (det_indices is tested on its own)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.sess.get_outputs() if o.name != NMS_INDICES]
+
+    def run(self, names, feed):
+        return self.sess.run(names or self.names, feed)
+
+
+def nc_of(model: onnx.ModelProto) -> int:
+    return read_info(model).nc
 
 
 def plugin_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -71,7 +82,7 @@ def four_images(image: np.ndarray) -> np.ndarray:
 def test_onnx_tail_reproduces_official_nms(exported, ckpt):
     """--nms onnx --best-class in ONNX Runtime == official non_max_suppression stored in the .npz."""
     raw, image = exported(ckpt)
-    model = append_nms(raw, NmsOptions(mode="onnx", conf=0.25, iou=0.45, topk=300, best_class=True))
+    model = append_nms(raw, NmsOptions(mode="onnx", conf=0.25, iou=0.45, topk=300, best_class=True), nc_of(raw))
     num, boxes, scores, classes = session(model).run(None, {"images": image})
     ref = np.load(ckpt.with_suffix(".npz"))["nms_fused"]
     n = int(num[0, 0])
@@ -95,8 +106,8 @@ def test_efficient_tail_matches_onnx_tail(exported, ckpt):
     """
     raw, image = exported(ckpt)
     opts = dict(conf=0.25, iou=0.45, topk=300, agnostic=ckpt.stem.endswith("nc3"))
-    onnx_tail = session(append_nms(raw, NmsOptions(mode="onnx", **opts)))
-    prefix = session(plugin_inputs(append_nms(raw, NmsOptions(mode="efficient", **opts))))
+    onnx_tail = session(append_nms(raw, NmsOptions(mode="onnx", **opts), nc_of(raw)))
+    prefix = session(plugin_inputs(append_nms(raw, NmsOptions(mode="efficient", **opts), nc_of(raw))))
     for batch in (image, four_images(image)):
         boxes, scores = prefix.run(None, {"images": batch})
         cand = [s[s >= 0.25] for s in scores]
@@ -110,7 +121,7 @@ def test_efficient_tail_matches_onnx_tail(exported, ckpt):
 
 def test_mixed_batch_equals_one_by_one(exported):
     raw, image = exported(DATA / "dev_yolov7-tiny_w050_nc5.pt")
-    sess = session(append_nms(raw, NmsOptions(mode="onnx", topk=300)))
+    sess = session(append_nms(raw, NmsOptions(mode="onnx", topk=300), nc_of(raw)))
     batch = four_images(image)
     together = sess.run(None, {"images": batch})
     assert len(set(int(n) for n in together[0][:, 0])) > 1  # the images really differ
@@ -122,7 +133,7 @@ def test_mixed_batch_equals_one_by_one(exported):
 def test_single_class_scores_not_capped(exported):
     """nc == 1: det_scores are the objectness (as the official NMS), not obj * (untrained) cls."""
     raw, image = exported(DATA / "dev_yolov7-w6_w00625_nc1.pt")
-    model = append_nms(raw, NmsOptions(mode="onnx", topk=300))
+    model = append_nms(raw, NmsOptions(mode="onnx", topk=300), nc_of(raw))
     extra = gs.import_onnx(model)
     extra.outputs.append(extra.tensors()["output"])  # also expose the raw predictions
     num, _, scores, classes, out = session(gs.export_onnx(extra)).run(None, {"images": image})
@@ -159,5 +170,5 @@ def test_cli_end_to_end(tmp_path, mode):
 def test_scores_prefix_names(exported):
     """The tails share a named prefix (nms/boxes, nms/scores): the harness can cut there too."""
     raw, _ = exported(DATA / "dev_yolov7-tiny_w050_nc5.pt")
-    names = {t for n in append_nms(raw, NmsOptions(mode="onnx")).graph.node for t in n.output}
+    names = {t for n in append_nms(raw, NmsOptions(mode="onnx"), nc_of(raw)).graph.node for t in n.output}
     assert {BOXES, SCORES} <= names

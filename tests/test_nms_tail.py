@@ -27,9 +27,9 @@ from onnx import TensorProto, helper
 from exporter.cli import export_command
 from exporter.errors import UserError
 from exporter.nms_tail import BOXES, SCORES, TRT_DOMAIN, append_nms
-from exporter.onnx_export import finalize
+from exporter.onnx_export import finalize, read_info
 from exporter.options import NmsOptions
-from runtimes.contract import NMS_OUTPUTS, ModelInfo
+from runtimes.contract import NMS_INDICES, NMS_OUTPUTS, ModelInfo
 from runtimes.nms_reference import efficient_nms_reference, non_max_suppression
 
 
@@ -45,8 +45,19 @@ def raw_graph(nc: int, opset: int = 17, dtype: int = TensorProto.FLOAT) -> onnx.
     return finalize(model, info)
 
 
-def session(model: onnx.ModelProto) -> ort.InferenceSession:
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+class session:  # noqa: N801 - reads like the ORT constructor it wraps
+    """ORT session whose run(None, ...) gives the four contract outputs (det_indices is tested on its own)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.sess.get_outputs() if o.name != NMS_INDICES]
+
+    def run(self, names, feed):
+        return self.sess.run(names or self.names, feed)
+
+
+def nc_of(model: onnx.ModelProto) -> int:
+    return read_info(model).nc
 
 
 def plugin_inputs_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -113,8 +124,8 @@ FUZZ = [  # (seed, batch, nc, agnostic, conf, iou, topk)
 def test_efficient_tail_matches_onnx_tail_fuzz(seed, batch, nc, agnostic, conf, iou, topk):
     raw = raw_graph(nc)
     opts = dict(conf=conf, iou=iou, topk=topk, agnostic=agnostic)
-    onnx_tail = session(append_nms(raw, NmsOptions(mode="onnx", **opts)))
-    prefix = session(plugin_inputs_model(append_nms(raw, NmsOptions(mode="efficient", **opts))))
+    onnx_tail = session(append_nms(raw, NmsOptions(mode="onnx", **opts), nc_of(raw)))
+    prefix = session(plugin_inputs_model(append_nms(raw, NmsOptions(mode="efficient", **opts), nc_of(raw))))
     pred = random_raw(np.random.default_rng(seed), batch, 1500, nc)
     boxes, scores = prefix.run(None, {"images": pred})
     assert_no_ties(scores, conf)
@@ -133,7 +144,7 @@ def test_onnx_tail_matches_official_nms_fuzz(multi_label, agnostic):
     for nc in (1, 3, 80):
         pred = random_raw(rng, 2, 2000, nc)
         model = append_nms(raw_graph(nc), NmsOptions(mode="onnx", topk=300, agnostic=agnostic,
-                                                     best_class=not multi_label))
+                                                     best_class=not multi_label), nc_of(raw_graph(nc)))
         num, boxes, scores, classes = session(model).run(None, {"images": pred})
         ref = non_max_suppression(pred, 0.25, 0.45, multi_label=multi_label, agnostic=agnostic, max_det=300)
         for i, r in enumerate(ref):
@@ -153,8 +164,8 @@ def test_preselection_is_a_legitimate_difference():
     pred[0, -1, :4] = [400, 400, 50, 50]  # ... and a separate one with the lowest score
     pred[0, :, 5] = 1.0
     raw = raw_graph(1)
-    got = session(append_nms(raw, NmsOptions(mode="onnx"))).run(None, {"images": pred})
-    boxes, scores = session(plugin_inputs_model(append_nms(raw, NmsOptions(mode="efficient")))).run(
+    got = session(append_nms(raw, NmsOptions(mode="onnx"), nc_of(raw))).run(None, {"images": pred})
+    boxes, scores = session(plugin_inputs_model(append_nms(raw, NmsOptions(mode="efficient"), nc_of(raw)))).run(
         None, {"images": pred})
     assert got[0][0, 0] == 2
     assert efficient_nms_reference(boxes, scores, 0.25, 0.45, 100)[0][0, 0] == 1
@@ -167,7 +178,7 @@ def test_batch_independence_dynamic_batch():
     preds[3] = 0  # an image without detections in the middle of the batch
     for opts in (NmsOptions(mode="onnx"), NmsOptions(mode="onnx", best_class=True),
                  NmsOptions(mode="onnx", agnostic=True, topk=10)):
-        sess = session(append_nms(raw, opts))
+        sess = session(append_nms(raw, opts, nc_of(raw)))
         together = sess.run(None, {"images": preds})
         assert together[0][3, 0] == 0
         for i in range(len(preds)):
@@ -182,11 +193,11 @@ def test_single_class_scores_are_objectness():
     pred[0, 0] = [100, 100, 40, 40, 0.9, 0.5]
     pred[0, 1] = [300, 300, 40, 40, 0.7, 0.2]
     raw = raw_graph(1)
-    num, _, scores, classes = session(append_nms(raw, NmsOptions(mode="onnx"))).run(None, {"images": pred})
+    num, _, scores, classes = session(append_nms(raw, NmsOptions(mode="onnx"), nc_of(raw))).run(None, {"images": pred})
     assert num[0, 0] == 2
     np.testing.assert_array_equal(scores[0, :2], np.float32([0.9, 0.7]))
     assert not classes.any()
-    _, plugin_scores = session(plugin_inputs_model(append_nms(raw, NmsOptions(mode="efficient")))).run(
+    _, plugin_scores = session(plugin_inputs_model(append_nms(raw, NmsOptions(mode="efficient"), nc_of(raw)))).run(
         None, {"images": pred})
     np.testing.assert_array_equal(plugin_scores[0, :, 0], np.float32([0.9, 0.7]))
 
@@ -203,7 +214,7 @@ def test_agnostic_and_multi_label():
     pred, raw = _two_boxes_two_classes(), raw_graph(2)
 
     def run(**kw):
-        num, _, scores, classes = session(append_nms(raw, NmsOptions(mode="onnx", **kw))).run(None, {"images": pred})
+        num, _, scores, classes = session(append_nms(raw, NmsOptions(mode="onnx", **kw), nc_of(raw))).run(None, {"images": pred})
         return [(float(s), int(c)) for s, c in zip(scores[0, :num[0, 0]], classes[0, :num[0, 0]])]
 
     # per class: box 1 as class 0 (0.45) is suppressed by box 0 (same class, IoU 0.79); box 1 as class 1 stays
@@ -218,8 +229,8 @@ def test_multi_label_keeps_one_box_twice():
     pred = np.zeros((1, 1, 8), np.float32)
     pred[0, 0] = [50, 50, 20, 20, 0.9, 0.8, 0.7, 0.1]
     raw = raw_graph(3)
-    multi = session(append_nms(raw, NmsOptions(mode="onnx"))).run(None, {"images": pred})
-    best = session(append_nms(raw, NmsOptions(mode="onnx", best_class=True))).run(None, {"images": pred})
+    multi = session(append_nms(raw, NmsOptions(mode="onnx"), nc_of(raw))).run(None, {"images": pred})
+    best = session(append_nms(raw, NmsOptions(mode="onnx", best_class=True), nc_of(raw))).run(None, {"images": pred})
     assert multi[0][0, 0] == 2 and list(multi[3][0, :2]) == [0, 1]
     assert best[0][0, 0] == 1 and best[3][0, 0] == 0
     np.testing.assert_array_equal(multi[1][0, 0], np.float32([40, 40, 60, 60]))
@@ -228,12 +239,12 @@ def test_multi_label_keeps_one_box_twice():
 def test_topk_truncates_and_empty_output_is_zero():
     pred = random_raw(np.random.default_rng(3), 2, 1000, 3)
     raw = raw_graph(3)
-    full = session(append_nms(raw, NmsOptions(mode="onnx", topk=300))).run(None, {"images": pred})
-    top5 = session(append_nms(raw, NmsOptions(mode="onnx", topk=5))).run(None, {"images": pred})
+    full = session(append_nms(raw, NmsOptions(mode="onnx", topk=300), nc_of(raw))).run(None, {"images": pred})
+    top5 = session(append_nms(raw, NmsOptions(mode="onnx", topk=5), nc_of(raw))).run(None, {"images": pred})
     assert (full[0] > 5).all() and (top5[0] == 5).all()
     for f, t in zip(full[1:], top5[1:]):
         np.testing.assert_array_equal(f[:, :5], t)
-    none = session(append_nms(raw, NmsOptions(mode="onnx", conf=1.0))).run(None, {"images": pred})
+    none = session(append_nms(raw, NmsOptions(mode="onnx", conf=1.0), nc_of(raw))).run(None, {"images": pred})
     assert [a.shape for a in none] == [(2, 1), (2, 100, 4), (2, 100), (2, 100)]
     assert not any(a.any() for a in none)
 
@@ -241,8 +252,8 @@ def test_topk_truncates_and_empty_output_is_zero():
 def test_fp16_raw_output_is_cast_to_fp32():
     pred = random_raw(np.random.default_rng(4), 1, 500, 3)
     rounded = pred.astype(np.float16).astype(np.float32)
-    want = session(append_nms(raw_graph(3), NmsOptions(mode="onnx"))).run(None, {"images": rounded})
-    got = session(append_nms(raw_graph(3, dtype=TensorProto.FLOAT16), NmsOptions(mode="onnx"))).run(
+    want = session(append_nms(raw_graph(3), NmsOptions(mode="onnx"), nc_of(raw_graph(3)))).run(None, {"images": rounded})
+    got = session(append_nms(raw_graph(3, dtype=TensorProto.FLOAT16), NmsOptions(mode="onnx"), nc_of(raw_graph(3, dtype=TensorProto.FLOAT16)))).run(
         None, {"images": pred.astype(np.float16)})
     assert got[1].dtype == np.float32 and got[0][0, 0] > 0
     for g, w in zip(got, want):
@@ -252,8 +263,8 @@ def test_fp16_raw_output_is_cast_to_fp32():
 @pytest.mark.parametrize("opset", [11, 12, 13, 17])
 def test_opsets(opset):
     pred = random_raw(np.random.default_rng(5), 2, 800, 3)
-    want = session(append_nms(raw_graph(3), NmsOptions(mode="onnx"))).run(None, {"images": pred})
-    got = session(append_nms(raw_graph(3, opset=opset), NmsOptions(mode="onnx"))).run(None, {"images": pred})
+    want = session(append_nms(raw_graph(3), NmsOptions(mode="onnx"), nc_of(raw_graph(3)))).run(None, {"images": pred})
+    got = session(append_nms(raw_graph(3, opset=opset), NmsOptions(mode="onnx"), nc_of(raw_graph(3, opset=opset)))).run(None, {"images": pred})
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
 
@@ -262,22 +273,23 @@ def test_outputs_contract_and_deterministic_bytes():
     raw = raw_graph(3)
     before = raw.SerializeToString()
     for mode in ("onnx", "efficient"):
-        a, b = append_nms(raw, NmsOptions(mode=mode)), append_nms(raw, NmsOptions(mode=mode))
+        a, b = append_nms(raw, NmsOptions(mode=mode), nc_of(raw)), append_nms(raw, NmsOptions(mode=mode), nc_of(raw))
         assert a.SerializeToString() == b.SerializeToString()
         outs = {o.name: o.type.tensor_type for o in a.graph.output}
-        assert list(outs) == list(NMS_OUTPUTS)
+        extra = [NMS_INDICES] if mode != "efficient" else []
+        assert list(outs) == list(NMS_OUTPUTS) + extra
         dims = {k: [d.dim_param or d.dim_value for d in v.shape.dim] for k, v in outs.items()}
         assert dims == {"num_dets": ["batch", 1], "det_boxes": ["batch", 100, 4], "det_scores": ["batch", 100],
-                        "det_classes": ["batch", 100]}
+                        "det_classes": ["batch", 100], **{k: ["batch", 100] for k in extra}}
         assert [v.elem_type for v in outs.values()] == [TensorProto.INT32, TensorProto.FLOAT, TensorProto.FLOAT,
-                                                         TensorProto.INT32]
+                                                         TensorProto.INT32] + [TensorProto.INT32] * len(extra)
         onnx.checker.check_model(a)
         assert {p.key for p in a.metadata_props} == {p.key for p in raw.metadata_props}
     assert raw.SerializeToString() == before  # the input model is not modified
 
 
 def test_efficient_node():
-    model = append_nms(raw_graph(3), NmsOptions(mode="efficient", conf=0.3, iou=0.6, topk=42, agnostic=True))
+    model = append_nms(raw_graph(3), NmsOptions(mode="efficient", conf=0.3, iou=0.6, topk=42, agnostic=True), nc_of(raw_graph(3)))
     (node,) = [n for n in model.graph.node if n.op_type == "EfficientNMS_TRT"]
     assert node.domain == TRT_DOMAIN and (TRT_DOMAIN, 1) in [(o.domain, o.version) for o in model.opset_import]
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -291,22 +303,21 @@ def test_efficient_node():
 def test_api_errors():
     raw = raw_graph(3)
     cases = [(NmsOptions(mode="onnx", conf=1.5), "--conf"), (NmsOptions(mode="onnx", iou=-0.1), "--iou"),
-             (NmsOptions(mode="onnx", topk=0), "--topk"), (NmsOptions(mode="none"), "'efficient' or 'onnx'"),
+             (NmsOptions(mode="onnx", topk=0), "--topk"), (NmsOptions(mode="none"), "'efficient', 'onnx' or 'portable'"),
              (NmsOptions(mode="efficient", best_class=True), "--best-class")]
     for opts, words in cases:
         with pytest.raises(UserError, match=re.escape(words)):
-            append_nms(raw, opts)
-    end_to_end = append_nms(raw, NmsOptions(mode="onnx"))
+            append_nms(raw, opts, nc_of(raw))
+    end_to_end = append_nms(raw, NmsOptions(mode="onnx"), nc_of(raw))
     with pytest.raises(UserError, match="no 'output' output"):
-        append_nms(end_to_end, NmsOptions(mode="onnx"))
-    wrong = raw_graph(3)
-    for value_info in (wrong.graph.input[0], wrong.graph.output[0]):  # 10 values per box, metadata nc=3
-        value_info.type.tensor_type.shape.dim[2].dim_value = 10
-    with pytest.raises(UserError, match="metadata says 3 classes"):
-        append_nms(wrong, NmsOptions(mode="onnx"))
-    del wrong.metadata_props[:]  # no metadata: the static dim decides (nc=5)
-    pred = np.float32([[[50, 50, 20, 20, 0.9, 0, 0, 0, 0, 0.8]]])
-    assert session(append_nms(wrong, NmsOptions(mode="onnx"))).run(None, {"images": pred})[3][0, 0] == 4
+        append_nms(end_to_end, NmsOptions(mode="onnx"), nc_of(end_to_end))
+    narrow = raw_graph(3)
+    for value_info in (narrow.graph.input[0], narrow.graph.output[0]):  # 7 values per box < 5 + 3
+        value_info.type.tensor_type.shape.dim[2].dim_value = 7
+    with pytest.raises(UserError, match="fewer than 5 \\+ 3 classes"):
+        append_nms(narrow, NmsOptions(mode="onnx"), 3)
+    with pytest.raises(UserError, match="integer >= 1"):
+        append_nms(raw, NmsOptions(mode="onnx"), 0)
 
 
 @pytest.mark.parametrize("args,words", [
