@@ -51,12 +51,23 @@ class Detect(nn.Module):
     def decode(self, i: int, raw: torch.Tensor) -> torch.Tensor:
         bs, _, ny, nx = raw.shape
         p = raw.view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).sigmoid()
+        xy, wh = self.decode_boxes(i, p, self.make_grid(raw))
+        return torch.cat((xy, wh, p[..., 4:]), -1).reshape(bs, -1, self.no)
+
+    @staticmethod
+    def make_grid(raw: torch.Tensor) -> torch.Tensor:
+        """Cell offsets [1,1,ny,nx,2] (x, y) for a level's raw conv output [B,C,ny,nx] (shared with the
+        keypoint head, which offsets keypoints by the same grid)."""
+        _, _, ny, nx = raw.shape
         yv, xv = torch.meshgrid(torch.arange(ny, dtype=torch.float32), torch.arange(nx, dtype=torch.float32), indexing="ij")
-        grid = torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2)
+        return torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2)
+
+    def decode_boxes(self, i: int, p: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sigmoided p [B,na,ny,nx,>=4] -> (cx, cy) and (w, h) in input pixels, the official arithmetic."""
         stride = float(self.stride[i])  # python float: a constant in the exported graph
         xy = (p[..., 0:2] * 2.0 - 0.5 + grid) * stride
         wh = (p[..., 2:4] * 2.0) ** 2 * self.anchor_grid[i]
-        return torch.cat((xy, wh, p[..., 4:]), -1).reshape(bs, -1, self.no)
+        return xy, wh
 
     def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([self.decode(i, self.level(i, xs[i])) for i in range(self.nl)], 1)
