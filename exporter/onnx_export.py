@@ -18,10 +18,14 @@ from dataclasses import dataclass
 import onnx
 import torch
 
-from runtimes.contract import INPUT_NAME, RAW_OUTPUT, ModelInfo
+from runtimes.contract import INPUT_NAME, PROTO_OUTPUT, RAW_OUTPUT, ModelInfo
+from runtimes.metadata import copy_metadata, read_info, write_metadata  # noqa: F401 - read_info/copy_metadata re-exported
+
 
 from .errors import UserError
+from .loading import check_image_size  # noqa: F401 - re-exported (the model layer owns it)
 from .model import YoloModel
+
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 11  # Resize semantics and NonMaxSuppression both need >= 11
@@ -32,20 +36,29 @@ class ExportConfig:
     imgsz: tuple[int, int]
     batch: int = 1
     dynamic_batch: bool = False
+    dynamic_size: bool = False  # --dynamic: height and width too (the head's grids come from the feature maps)
     opset: int = DEFAULT_OPSET
     simplify: bool = True
 
 
-def check_image_size(imgsz: tuple[int, int], max_stride: int) -> tuple[int, int]:
-    """Each side must be a positive multiple of the largest stride; say the nearest valid sizes if not."""
-    for side in imgsz:
-        if side <= 0 or side % max_stride:
-            lower = max(max_stride, side // max_stride * max_stride)
-            upper = (side // max_stride + 1) * max_stride
-            options = f"{lower} or {upper}" if lower != upper and side > 0 else f"{upper}"
-            raise UserError(f"image size {side} is not a multiple of the model's max stride {max_stride}; "
-                            f"nearest valid sizes: {options}")
-    return int(imgsz[0]), int(imgsz[1])
+
+def resolve_dynamic_sizes(imgsz: tuple[int, int], min_imgsz: tuple[int, int] | None,
+                          max_imgsz: tuple[int, int] | None, max_stride: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(min, max) (H, W) of a --dynamic export's size range; ``imgsz`` (--img) is the optimum in between.
+
+    Defaults: min = half of --img rounded up to a stride multiple (letterboxing a 2:1 image to --img gives
+    that), max = --img (runtimes letterbox into --img, so larger inputs only come from explicit callers).
+    Each must be a multiple of the max stride: the feature maps of every level must have whole cells.
+    """
+    def half(side: int) -> int:
+        return max(max_stride, -(-side // 2 // max_stride) * max_stride)
+
+    lo = check_image_size(min_imgsz, max_stride) if min_imgsz else (half(imgsz[0]), half(imgsz[1]))
+    hi = check_image_size(max_imgsz, max_stride) if max_imgsz else tuple(imgsz)
+    if not all(a <= o <= b for a, o, b in zip(lo, imgsz, hi)):
+        raise UserError(f"--dynamic needs --min-img {lo[0]}x{lo[1]} <= --img {imgsz[0]}x{imgsz[1]} <= "
+                        f"--max-img {hi[0]}x{hi[1]} (H x W, each side)")
+    return (int(lo[0]), int(lo[1])), (int(hi[0]), int(hi[1]))
 
 
 def export_onnx(model: YoloModel, info: ModelInfo, cfg: ExportConfig) -> onnx.ModelProto:
@@ -57,11 +70,16 @@ def export_onnx(model: YoloModel, info: ModelInfo, cfg: ExportConfig) -> onnx.Mo
     h, w = cfg.imgsz
     dummy = torch.zeros(cfg.batch, 3, h, w)
     buf = io.BytesIO()
-    dynamic_axes = {INPUT_NAME: {0: "batch"}, RAW_OUTPUT: {0: "batch"}} if cfg.dynamic_batch else None
+    outputs = [RAW_OUTPUT, PROTO_OUTPUT] if info.task == "segment" else [RAW_OUTPUT]  # seg: + prototypes
+    dynamic_axes = {name: {0: "batch"} for name in [INPUT_NAME, *outputs]} if cfg.dynamic_batch else None
+    if cfg.dynamic_size:  # batch, H, W; the raw output's anchor count and the prototypes' H/W follow them
+        dynamic_axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, RAW_OUTPUT: {0: "batch", 1: "anchors"},
+                        PROTO_OUTPUT: {0: "batch", 2: "proto_height", 3: "proto_width"}}
+        dynamic_axes = {k: v for k, v in dynamic_axes.items() if k in (INPUT_NAME, *outputs)}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about python ints in the decode are expected
         torch.onnx.export(model.eval(), (dummy,), buf, dynamo=False, opset_version=cfg.opset,
-                          input_names=[INPUT_NAME], output_names=[RAW_OUTPUT], dynamic_axes=dynamic_axes,
+                          input_names=[INPUT_NAME], output_names=outputs, dynamic_axes=dynamic_axes,
                           do_constant_folding=True)
     proto = onnx.load_from_string(buf.getvalue())
     if cfg.simplify:
@@ -84,25 +102,7 @@ def finalize(proto: onnx.ModelProto, info: ModelInfo) -> onnx.ModelProto:
     proto.producer_version = __version__
     proto.doc_string = ""
     proto.graph.doc_string = ""
-    del proto.metadata_props[:]
-    for key, value in sorted(info.to_metadata().items()):
-        proto.metadata_props.add(key=key, value=value)
+    write_metadata(proto, info)
     onnx.checker.check_model(proto)
     return proto
 
-
-def copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
-    """Carry our metadata over to a graph rebuilt by another tool (AutoCast, quantize_static and
-    onnx-graphsurgeon all drop it); runtimes read the artifact's ModelInfo from it."""
-    del dst.metadata_props[:]
-    for prop in src.metadata_props:
-        dst.metadata_props.add(key=prop.key, value=prop.value)
-
-
-def read_info(proto: onnx.ModelProto) -> ModelInfo:
-    """Our metadata from an ONNX; a clear error for a foreign ONNX."""
-    try:
-        return ModelInfo.from_metadata({p.key: p.value for p in proto.metadata_props})
-    except (KeyError, ValueError, TypeError) as exc:
-        raise UserError("this ONNX was not made by yolo7-export (no yolo7_export.* metadata); "
-                        "export it from the checkpoint with yolo7-export") from exc

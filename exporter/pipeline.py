@@ -16,11 +16,10 @@ from runtimes.contract import ModelInfo
 
 from . import __version__
 from .artifacts import Manifest, write_bytes_atomic
-from .checkpoint import Checkpoint, load_checkpoint
 from .errors import UserError
-from .fuse import fuse_model
-from .model import YoloModel, build_model
-from .onnx_export import ExportConfig, check_image_size, export_onnx, finalize
+from .loading import check_image_size, default_imgsz, load_fused  # noqa: F401 - load_fused re-exported
+from .onnx_export import ExportConfig, export_onnx, finalize
+
 from .options import ExportOptions
 
 log = logging.getLogger("yolo7_export")
@@ -35,21 +34,6 @@ class PipelineResult:
     reports: dict = field(default_factory=dict)
 
 
-def default_imgsz(ckpt: Checkpoint) -> tuple[int, int]:
-    """The official defaults: 640 for P5 models, 1280 for P6 (four detection levels)."""
-    side = 1280 if len(ckpt.stride) == 4 else 640
-    return side, side
-
-
-def load_fused(checkpoint: Path) -> tuple[Checkpoint, YoloModel]:
-    """Stages 1-2 (also used by the PyTorch runtime and the check harness)."""
-    ckpt = load_checkpoint(checkpoint)
-    model = build_model(ckpt)
-    report = fuse_model(model)
-    log.info("fused: %d conv+bn, %d RepConv, %d implicit heads, %d aux layers removed",
-             report.conv_bn, report.repconv, report.implicit_heads, report.aux_layers_removed)
-    return ckpt, model
-
 
 def artifact_stem(opts: ExportOptions) -> str:
     """<checkpoint stem>[.fp16|.int8]: one name per precision, so runs side by side don't collide."""
@@ -58,30 +42,55 @@ def artifact_stem(opts: ExportOptions) -> str:
 
 
 def resolve_nms_mode(opts: ExportOptions) -> str:
-    """'auto': EfficientNMS_TRT when an engine is built, raw output otherwise (runs in any ONNX runtime)."""
+    """'auto' with an engine: the plugin-free ``portable`` tail for TensorRT-RTX (no plugin library) and for
+    ``--version-compatible`` (plugins are not serialized into the engine); EfficientNMS_TRT for other
+    TensorRT 10/11 builds: a fused, tuned kernel on the GPU whose cost does not grow with a [cap,cap] IoU
+    matrix, with ~5000 candidates instead of the portable cap (on a GPU host, compare the two with
+    yolo7-bench). Without an engine: raw output (runs in any ONNX runtime; NMS on the host).
+    Reads ``opts.trt.lib`` when present ('rtx' once preflight resolved it).
+    """
     if opts.nms.mode == "auto":
-        return "efficient" if opts.trt.enabled else "none"
+        if not opts.trt.enabled:
+            return "none"
+        if getattr(opts.trt, "lib", "tensorrt") == "rtx" or opts.trt.version_compatible:
+            return "portable"
+        return "efficient"
     return opts.nms.mode
 
 
 def run(opts: ExportOptions) -> PipelineResult:
     t0 = time.perf_counter()
+    requested_nms = opts.nms.mode
+    if opts.trt.enabled:  # fail before minutes of export/calibration if no engine can be built here
+        from .trt_build import preflight
+
+        preflight(opts.trt)  # also resolves opts.trt.lib ('auto' -> 'tensorrt' | 'rtx') for the NMS choice
     opts.nms.mode = resolve_nms_mode(opts)
+    if opts.trt.enabled or opts.nms.mode == "efficient":  # plugin limits, RTX / --version-compatible refusals
+        from .trt_build import check_nms
+
+        check_nms(opts.trt, opts.nms.mode, opts.nms.conf, opts.nms.iou, opts.nms.topk)
     if opts.precision == "int8":  # fail at once on a bad --calib, not after export
         from .precision.calib_data import check_source
 
         check_source(opts.calib.source, opts.calib.num_images)
-    if opts.trt.enabled:  # fail before minutes of export/calibration if no engine can be built here
-        from .trt_build import preflight
-
-        preflight(opts.trt)
     ckpt, model = load_fused(opts.checkpoint)
+    if ckpt.task == "segment":  # masks need det_indices: no EfficientNMS_TRT; u7 seg NMS scores obj*cls always
+        from .nms_masks import seg_nms_options
+
+        opts.nms = seg_nms_options(opts.nms, requested_nms)
     imgsz = check_image_size(opts.imgsz or default_imgsz(ckpt), ckpt.max_stride)
     info = ModelInfo(names=ckpt.names, stride=ckpt.stride, imgsz=imgsz, nms="none", precision="fp32",
                      batch=None if opts.dynamic_batch else opts.batch, source_sha256=ckpt.sha256,
-                     tool_version=__version__)
-    cfg = ExportConfig(imgsz=imgsz, batch=opts.batch, dynamic_batch=opts.dynamic_batch, opset=opts.opset,
-                       simplify=opts.simplify)
+                     tool_version=__version__, task=ckpt.task, nm=ckpt.nm)
+    sizes = None
+    if opts.dynamic:  # batch, H and W chosen at run time; the range feeds the engine profile and the runtimes
+        from .onnx_export import resolve_dynamic_sizes
+
+        sizes = resolve_dynamic_sizes(imgsz, opts.min_imgsz, opts.max_imgsz, ckpt.max_stride)
+        info.batch, info.dynamic_hw, info.min_imgsz = None, True, sizes[0]
+    cfg = ExportConfig(imgsz=imgsz, batch=opts.batch, dynamic_batch=opts.dynamic_batch or opts.dynamic,
+                       dynamic_size=opts.dynamic, opset=opts.opset, simplify=opts.simplify)
     log.info("exporting %s (%d classes, strides %s) at %dx%d", opts.checkpoint.name, ckpt.nc,
              [int(s) for s in ckpt.stride], *imgsz)
     proto = export_onnx(model, info, cfg)
@@ -92,7 +101,13 @@ def run(opts: ExportOptions) -> PipelineResult:
     if opts.nms.mode != "none":
         from .nms_tail import append_nms
 
-        proto = append_nms(proto, opts.nms)
+        if info.task == "segment":
+            from .nms_masks import append_masks
+
+            proto = append_nms(proto, opts.nms, len(info.names), keep_raw=True)
+            proto = append_masks(proto, info.nc, info.nm, imgsz)
+        else:
+            proto = append_nms(proto, opts.nms, len(info.names))
         info.nms, info.nms_params = opts.nms.mode, asdict(opts.nms)
     proto = finalize(proto, info)
 
@@ -107,8 +122,10 @@ def run(opts: ExportOptions) -> PipelineResult:
         from .trt_build import build_engine
 
         engine_path = onnx_path.with_suffix(".engine")
-        build = build_engine(onnx_path, engine_path, info, opts.trt, batch=opts.batch, dynamic=opts.dynamic_batch)
-        manifest.add_output(engine_path, "tensorrt_engine", precision=info.precision)
+        build = build_engine(onnx_path, engine_path, info, opts.trt, batch=opts.batch,
+                             dynamic=opts.dynamic_batch or opts.dynamic, sizes=sizes)
+        manifest.add_output(engine_path, "tensorrt_engine", precision=info.precision, library=build.library,
+                            version=build.tensorrt_version, targets=list(build.targets))
         manifest.add_output(build.sidecar_path, "engine_sidecar")
         manifest.extra["trtexec"] = build.trtexec_command
         result.engine_path = engine_path

@@ -69,9 +69,10 @@ class DetectConfig:
 
 def open_backend(path: str | Path, device: str = "cpu", **kwargs) -> Backend:
     """Pick the backend from the file: .pt/.pth -> PyTorch, .onnx -> ONNX Runtime, .engine/.plan -> TensorRT."""
-    from exporter.errors import UserError
+    from .errors import UserError
 
     path = Path(path)
+
     suffix = path.suffix.lower()
     if not path.exists():
         raise UserError(f"artifact not found: {path}")

@@ -12,6 +12,9 @@ import numpy as np
 
 from .base import Backend
 from .contract import INPUT_NAME, NMS_OUTPUTS, RAW_OUTPUT, ModelInfo
+from .errors import UserError
+from .metadata import info_from_props
+
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
@@ -23,8 +26,6 @@ class OnnxBackend(Backend):
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None):
         import onnxruntime as ort
-
-        from exporter.errors import UserError
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -50,8 +51,6 @@ class OnnxBackend(Backend):
     # -- validation -------------------------------------------------------------------------------------
     def _check_io(self) -> None:
         """The graph must have our input and outputs; its shapes are the truth for size and batch."""
-        from exporter.errors import UserError
-
         inputs = self.session.get_inputs()
         outputs = {o.name for o in self.session.get_outputs()}
         if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
@@ -76,8 +75,6 @@ class OnnxBackend(Backend):
 
     # -- inference --------------------------------------------------------------------------------------
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        from exporter.errors import UserError
-
         batch = np.asarray(batch)
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise UserError(f"expected a batch [B,3,H,W], got shape {list(batch.shape)}")
@@ -99,8 +96,6 @@ class OnnxBackend(Backend):
 def _providers(device: str) -> list:
     import onnxruntime as ort
 
-    from exporter.errors import UserError
-
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if device.startswith("cuda"):
@@ -114,15 +109,9 @@ def _providers(device: str) -> list:
 
 
 def _read_info(session) -> ModelInfo:
-    """ModelInfo from the session's custom metadata, parsed by the exporter's one parser (read_info)."""
-    import onnx
+    """ModelInfo from the session's custom metadata (the one parser, runtimes.metadata; no onnx/torch import)."""
+    return info_from_props(session.get_modelmeta().custom_metadata_map)
 
-    from exporter.onnx_export import read_info
-
-    holder = onnx.ModelProto()  # metadata only: avoids loading the weights a second time
-    for key, value in session.get_modelmeta().custom_metadata_map.items():
-        holder.metadata_props.add(key=key, value=value)
-    return read_info(holder)
 
 
 def _explain_load_failure(path: Path, exc: Exception) -> str:

@@ -12,6 +12,8 @@ import numpy as np
 
 from .base import Backend
 from .contract import RAW_OUTPUT, ModelInfo
+from .errors import UserError
+
 
 
 class TorchBackend(Backend):
@@ -22,10 +24,9 @@ class TorchBackend(Backend):
     def __init__(self, path: str | Path, device: str = "cpu", fuse: bool = True, half: bool = False,
                  imgsz: tuple[int, int] | None = None):
         from exporter.checkpoint import load_checkpoint
-        from exporter.errors import UserError
+        from exporter.loading import check_image_size, default_imgsz, load_fused  # the model layer, not the pipeline
         from exporter.model import build_model
-        from exporter.onnx_export import check_image_size
-        from exporter.pipeline import default_imgsz, load_fused
+
 
         self.device = _torch_device(device)
         if half and self.device.type != "cuda":
@@ -61,7 +62,6 @@ def _torch_device(device: str):
     """'cpu', 'cuda' or 'cuda:N'; a clear error when CUDA was asked for but torch has none."""
     import torch
 
-    from exporter.errors import UserError
 
     if device == "cpu":
         return torch.device("cpu")
