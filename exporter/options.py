@@ -69,6 +69,9 @@ class ExportOptions:
     imgsz: tuple[int, int] | None = None  # None: from the checkpoint (640, or 1280 for P6)
     batch: int = 1
     dynamic_batch: bool = False
+    dynamic: bool = False  # --dynamic: batch, height and width chosen at run time
+    min_imgsz: tuple[int, int] | None = None  # --min-img (--dynamic engine profile); default: half of --img
+    max_imgsz: tuple[int, int] | None = None  # --max-img; default: --img
     opset: int = DEFAULT_OPSET
     simplify: bool = True
     precision: str = "fp32"  # fp32 | fp16 | int8

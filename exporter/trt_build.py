@@ -130,9 +130,24 @@ def check_options(opts: TrtOptions) -> None:
                             "the machine it runs on")
 
 
-def check_nms(opts: TrtOptions, nms_mode: str) -> None:
+def check_efficient_nms(conf: float, iou: float, topk: int) -> None:
+    """Values EfficientNMS_TRT's plugin creator rejects (score_threshold >= 0, iou_threshold > 0,
+    max_output_boxes > 0): refused at the command line instead of as a parse error after the export."""
+    if not iou > 0:
+        raise UserError(f"--iou {iou}: EfficientNMS_TRT needs an IoU threshold > 0 (--nms efficient); use e.g. "
+                        f"--iou 0.45, or --nms onnx / --nms portable, which accept 0")
+    if not conf >= 0:
+        raise UserError(f"--conf {conf}: EfficientNMS_TRT needs a score threshold >= 0")
+    if not topk > 0:
+        raise UserError(f"--topk {topk}: EfficientNMS_TRT needs at least one output box")
+
+
+def check_nms(opts: TrtOptions, nms_mode: str, conf: float = 0.25, iou: float = 0.45, topk: int = 100) -> None:
     """NMS tails an engine cannot carry, refused before export (call after ``preflight`` resolved ``opts.lib``)."""
     if nms_mode != "efficient":
+        return
+    check_efficient_nms(conf, iou, topk)
+    if not opts.enabled:
         return
     if opts.lib == "rtx":
         raise UserError("--nms efficient needs TensorRT's plugin library, which TensorRT-RTX does not have: use "

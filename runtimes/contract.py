@@ -44,6 +44,8 @@ class ModelInfo:
     nms_params: dict = field(default_factory=dict)  # conf, iou, topk, agnostic, best_class
     task: str = "detect"  # detect | pose | segment (TASKS)
     nm: int = 0  # segment: mask coefficients per detection (output rows are 5+nc+nm wide)
+    dynamic_hw: bool = False  # --dynamic: H, W chosen at run time (stride multiples); imgsz = letterbox target
+    min_imgsz: tuple[int, int] | None = None  # --dynamic: smallest (H, W) the artifact accepts (engine profile min)
 
     @property
     def nc(self) -> int:
@@ -61,4 +63,6 @@ class ModelInfo:
             raise KeyError("no yolo7-export metadata")
         known = {k: values[k] for k in cls.__dataclass_fields__ if k in values}
         known["imgsz"] = tuple(known["imgsz"])
+        if known.get("min_imgsz") is not None:
+            known["min_imgsz"] = tuple(known["min_imgsz"])
         return cls(**known)
