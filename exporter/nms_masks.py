@@ -1,0 +1,158 @@
+"""Stage 3c (segmentation): instance masks inside the graph, after the NMS tail (graph surgery).
+
+Input: a seg graph that already ends in an NMS tail built with ``append_nms(..., keep_raw=True)``, so it
+still has the raw ``output`` [B,N,5+nc+nm] and ``protos`` [B,nm,Hp,Wp] beside the tail's outputs and
+``det_indices`` [B,K] (row of each kept detection in N, -1 past num_dets). Added outputs:
+
+* ``det_coefs`` float32 [B,K,nm]: the kept rows' mask coefficients times their objectness, exactly the
+  official ``non_max_suppression`` columns 6: (``x[:, 5:] *= obj`` scales the coefficients too); zero past
+  num_dets. With ``protos`` (kept as an output) a host can decode masks itself.
+* ``det_masks`` float32 [B,K,Hp,Wp]: ``sigmoid(coef' @ protos)`` cropped to the box at prototype resolution
+  (the official ``process_mask`` before its upsampling): pixel (i, j) is kept iff ``x1' <= j < x2'`` and
+  ``y1' <= i < y2'`` with the box scaled by Wp/W, Hp/H (integer indices, no +0.5). Zero past num_dets (the
+  tail's boxes are zero there, so the crop is empty). Soft values: threshold at 0.5 after upsampling.
+
+The raw ``output`` is dropped from the outputs (N x (5+nc+nm) floats nobody needs once masks exist).
+Everything here runs in FP32 (casts are added where an FP16 graph hands over FP16 tensors): the crop
+compares pixel coordinates, and sigmoid(coef @ protos) near 0.5 is what decides a mask edge.
+Batch: every gather is offset per image (flat index b*N + row), so a batch equals its images one by one.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from runtimes.contract import MASK_OUTPUTS, NMS_INDICES, NMS_OUTPUTS, PROTO_OUTPUT, RAW_OUTPUT
+
+from .errors import UserError
+from .onnx_export import copy_metadata
+
+PREFIX = "masks/"
+DET_MASKS, DET_COEFS = MASK_OUTPUTS
+
+
+class _Ops:
+    """Named node factory (deterministic names, so equal inputs give equal bytes)."""
+
+    def __init__(self, graph: gs.Graph, opset: int):
+        self.graph, self.opset, self.count = graph, opset, 0
+
+    def const(self, value, dtype) -> gs.Constant:
+        self.count += 1
+        return gs.Constant(f"{PREFIX}const_{self.count}", np.asarray(value, dtype=dtype))
+
+    def op(self, op: str, inputs: list, attrs: dict | None = None, dtype=np.float32, name: str | None = None):
+        self.count += 1
+        node_name = f"{PREFIX}{op}_{self.count}"
+        out = gs.Variable(name or f"{node_name}_out0", dtype=dtype)
+        self.graph.nodes.append(gs.Node(op=op, name=node_name, attrs=attrs or {}, inputs=inputs, outputs=[out]))
+        return out
+
+    def slice(self, x, start: int, end: int, axis: int, dtype=np.float32):
+        c = self.const
+        return self.op("Slice", [x, c([start], np.int64), c([end], np.int64), c([axis], np.int64)], dtype=dtype)
+
+    def f32(self, x):
+        return x if x.dtype == np.float32 else self.op("Cast", [x], {"to": onnx.TensorProto.FLOAT})
+
+    def unsqueeze(self, x, axes: list[int], dtype=np.float32):
+        if self.opset >= 13:
+            return self.op("Unsqueeze", [x, self.const(axes, np.int64)], dtype=dtype)
+        return self.op("Unsqueeze", [x], {"axes": axes}, dtype=dtype)
+
+
+def append_masks(proto: onnx.ModelProto, nc: int, nm: int, imgsz: tuple[int, int]) -> onnx.ModelProto:
+    """NMS-tailed seg graph (with raw ``output``, ``protos``, ``det_indices``) -> + ``det_coefs``, ``det_masks``."""
+    graph = gs.import_onnx(proto)
+    outs = {t.name: t for t in graph.outputs}
+    needed = [*NMS_OUTPUTS, NMS_INDICES, RAW_OUTPUT, PROTO_OUTPUT]
+    missing = [n for n in needed if n not in outs]
+    if missing:
+        raise UserError(f"cannot add masks: the graph lacks {missing} (needs an NMS tail with det_indices, built "
+                        f"with keep_raw=True, on a segmentation graph); outputs: {sorted(outs)}")
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    o = _Ops(graph, opset)
+    f32, i64 = np.float32, np.int64
+    h, w = int(imgsz[0]), int(imgsz[1])
+    hp, wp = h // 4, w // 4
+
+    raw = o.f32(outs[RAW_OUTPUT])  # [B,N,5+nc+nm]
+    protos = o.f32(outs[PROTO_OUTPUT])  # [B,nm,Hp,Wp]
+    boxes = outs[NMS_OUTPUTS[1]]  # [B,K,4], zero past num_dets
+    idx = outs[NMS_INDICES]  # [B,K] int32, -1 past num_dets
+
+    # gather the kept rows: flat index b*N + row (rows past num_dets point at row 0 and are zeroed below)
+    shape = o.op("Shape", [raw], dtype=i64)
+    n_box = o.op("Gather", [shape, o.const(1, i64)], {"axis": 0}, dtype=i64)  # scalar N
+    n_img = o.op("Gather", [shape, o.const([0], i64)], {"axis": 0}, dtype=i64)  # [1] B
+    images = o.op("Range", [o.const(0, i64), o.op("Squeeze", [n_img] + ([o.const([0], i64)] if opset >= 13 else []),
+                                                   {} if opset >= 13 else {"axes": [0]}, dtype=i64),
+                            o.const(1, i64)], dtype=i64)
+    col_images = o.op("Reshape", [images, o.const([-1, 1], i64)], dtype=i64)  # [B,1]
+    rows = o.op("Cast", [idx], {"to": onnx.TensorProto.INT64}, dtype=i64)
+    valid = o.op("GreaterOrEqual" if opset >= 12 else "Greater",
+                 [rows, o.const(0 if opset >= 12 else -1, i64)], dtype=np.bool_)  # [B,K]
+    safe_rows = o.op("Max", [rows, o.const(0, i64)], dtype=i64)
+    flat_idx = o.op("Add", [o.op("Mul", [col_images, n_box], dtype=i64), safe_rows], dtype=i64)  # [B,K]
+    width = o.op("Gather", [shape, o.const([2], i64)], {"axis": 0}, dtype=i64)  # [1]
+    flat_raw = o.op("Reshape", [raw, o.op("Concat", [o.const([-1], i64), width], {"axis": 0}, dtype=i64)])
+    picked = o.op("Gather", [flat_raw, flat_idx], {"axis": 0})  # [B,K,5+nc+nm]
+    obj = o.slice(picked, 4, 5, 2)
+    coef = o.slice(picked, 5 + nc, 5 + nc + nm, 2)
+    valid3 = o.unsqueeze(valid, [2], dtype=np.bool_)
+    det_coefs = o.op("Where", [valid3, o.op("Mul", [coef, obj]), o.const(0.0, f32)], name=DET_COEFS)  # [B,K,nm]
+
+    # masks = sigmoid(coef' @ protos) at prototype resolution
+    flat_protos = o.op("Reshape", [protos, o.const([0, nm, -1], i64)])  # [B,nm,Hp*Wp]
+    logits = o.op("MatMul", [det_coefs, flat_protos])  # [B,K,Hp*Wp]
+    soft = o.op("Sigmoid", [logits])
+    bk = o.op("Slice", [o.op("Shape", [det_coefs], dtype=i64), o.const([0], i64), o.const([2], i64),
+                        o.const([0], i64)], dtype=i64)  # [B,K]
+    mshape = o.op("Concat", [bk, o.const([hp, wp], i64)], {"axis": 0}, dtype=i64)
+    soft = o.op("Reshape", [soft, mshape])  # [B,K,Hp,Wp]
+
+    # crop to the box scaled to prototype pixels
+    scale = o.const(np.array([wp / w, hp / h, wp / w, hp / h], f32), f32)
+    pbox = o.op("Mul", [boxes, scale])  # [B,K,4]
+    x1, y1, x2, y2 = (o.unsqueeze(o.slice(pbox, k, k + 1, 2), [3]) for k in range(4))  # [B,K,1,1]
+    cols = o.const(np.arange(wp, dtype=f32).reshape(1, 1, 1, wp), f32)
+    rows_ = o.const(np.arange(hp, dtype=f32).reshape(1, 1, hp, 1), f32)
+    b = np.bool_
+    in_x = o.op("And", [o.op("Not", [o.op("Less", [cols, x1], dtype=b)], dtype=b), o.op("Less", [cols, x2], dtype=b)],
+                dtype=b)  # [B,K,1,Wp]
+    in_y = o.op("And", [o.op("Not", [o.op("Less", [rows_, y1], dtype=b)], dtype=b), o.op("Less", [rows_, y2], dtype=b)],
+                dtype=b)  # [B,K,Hp,1]
+    inside = o.op("And", [in_x, in_y], dtype=b)  # [B,K,Hp,Wp]
+    det_masks = o.op("Where", [inside, soft, o.const(0.0, f32)], name=DET_MASKS)
+
+    det_coefs.dtype = det_masks.dtype = f32
+    lead = list(boxes.shape[:2]) if boxes.shape and len(boxes.shape) == 3 else ["batch", "K"]
+    det_masks.shape, det_coefs.shape = [*lead, hp, wp], [*lead, nm]
+    keep = [outs[n] for n in (*NMS_OUTPUTS, NMS_INDICES)]
+    graph.outputs = keep + [det_masks, det_coefs, outs[PROTO_OUTPUT]]
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph, opset_imports=list(proto.opset_import))
+    model.ir_version = proto.ir_version
+    model.producer_name, model.producer_version = proto.producer_name, proto.producer_version
+    copy_metadata(proto, model)
+    onnx.checker.check_model(model)
+    return model
+
+
+def seg_nms_options(nms, requested_mode: str):
+    """NMS settings for a seg model: a tail that reports det_indices, scores obj*cls (u7 seg NMS rule).
+
+    ``--nms auto`` with an engine picks ``portable`` (plugin-free, builds in every TensorRT) instead of
+    EfficientNMS_TRT, which cannot say which anchors it kept, so masks could not be gathered.
+    """
+    from dataclasses import replace
+
+    mode = nms.mode
+    if mode == "efficient":
+        if requested_mode != "auto":
+            raise UserError("--nms efficient cannot output masks (EfficientNMS_TRT does not report which anchors "
+                            "it kept); use --nms portable for segmentation models")
+        mode = "portable"
+    # the u7 seg non_max_suppression has no single-class special case: score = obj * cls for nc == 1 too
+    return replace(nms, mode=mode, obj_only_single_class=False)
