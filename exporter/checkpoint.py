@@ -1,15 +1,18 @@
-"""Stage 1a: read an official YOLOv7 checkpoint *without executing anything from the pickle*.
+"""Stage 1a: read an official YOLOv7 checkpoint *without executing anything from it*, at a bounded cost.
 
-Official checkpoints are pickled ``nn.Module`` trees (``models.yolo.Model`` holding
-``models.common.Conv`` ...). Unpickling them normally imports and runs the official source tree, and a
-hostile pickle can run any callable it names. We unpickle with a restricted ``find_class``:
+Official checkpoints are pickled ``nn.Module`` trees (``models.yolo.Model`` holding ``models.common.Conv`` ...)
+in torch's zip format. Loading them normally imports and runs the official source tree, and a hostile file can
+run any callable it names (or, as a TorchScript archive, its own code inside ``torch.jit.load``). So
+``torch.load`` is never called:
 
-* every class of the official tree (``models.*``) and every ``torch.nn.modules.*`` class becomes an inert
-  placeholder that only records its pickled state (no ``__init__``, no ``__setstate__`` of the real class);
-* a short allowlist of real callables that only rebuild data (tensors, numpy arrays, ordered dicts, sets)
-  is accepted;
-* anything else (``os.system``, ``builtins.exec``, ``subprocess.Popen``, ``ultralytics.*`` ...) is refused
-  before it is called.
+* :mod:`exporter.checkpoint_zip` reads the zip itself: only the member layout ``torch.save`` writes, stored
+  members, sizes bounded by the file, CRCs verified; TorchScript archives, tar and legacy files are refused;
+* :mod:`exporter.safe_pickle` unpickles ``data.pkl`` with exact ``(module, name)`` pairs: official and
+  ``torch.nn`` classes become inert placeholders, tensors are checked views of the records present;
+* here, the module tree is walked iteratively with a node budget (a pickle of shared submodules is a DAG
+  whose paths grow exponentially), the yaml/names must be plain bounded data, and
+  :mod:`exporter.weights_check` refuses non-finite weights, negative BN variance, impossible strides and
+  names/nc mismatches with one line naming the tensor or field.
 
 From the placeholders we take the flat state dict (fp16 -> fp32), the embedded yaml, class names, and the
 Detect module's stride and anchors (autoanchor may have changed them, so the yaml's anchors are not used).
@@ -18,108 +21,31 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import pickle
-import zipfile
+import stat
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import Any, Iterator
 
-import numpy as np
 import torch
 
+from .checkpoint_zip import open_torch_zip
 from .errors import UserError
+from .safe_pickle import PickledObject, UnsafeCheckpointError, first_line, placeholder, unpickle
+from .weights_check import check_weights
 
+__all__ = ["Checkpoint", "PickledObject", "UnsafeCheckpointError", "load_checkpoint", "placeholder", "sha256_file"]
 
-class UnsafeCheckpointError(UserError):
-    """The pickle names a global outside the allowlist."""
+# Model classes we rebuild: detection (models.yolo.Model) and the u7 seg tree's SegmentationModel.
+_MODEL_CLASSES = ("models.yolo.Model", "models.yolo.SegmentationModel")
+SEGMENT_HEADS = ("ISegment",)
+KEYPOINT_HEADS = ("IKeypoint",)
 
-
-class PickledObject:
-    """Inert stand-in for a pickled class: keeps the pickled ``__dict__`` state, runs nothing."""
-
-    _pickled_path = "?"
-
-    def __setstate__(self, state: Any) -> None:
-        # nn.Module pickles its __dict__; some objects pickle (dict, slots) pairs.
-        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
-            state = state[0]
-        self.__dict__["state"] = state if isinstance(state, dict) else {"_value": state}
-
-    @property
-    def class_path(self) -> str:
-        return type(self)._pickled_path
-
-    @property
-    def class_name(self) -> str:
-        return type(self)._pickled_path.rsplit(".", 1)[-1]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.__dict__.get("state", {}).get(key, default)
-
-    def children(self) -> "collections.OrderedDict[str, PickledObject]":
-        return self.get("_modules") or collections.OrderedDict()
-
-
-_placeholder_types: dict[str, type] = {}
-
-
-def _placeholder(path: str) -> type:
-    if path not in _placeholder_types:
-        _placeholder_types[path] = type(path.rsplit(".", 1)[-1], (PickledObject,), {"_pickled_path": path})
-    return _placeholder_types[path]
-
-
-def _numpy_global(name: str) -> Any:
-    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core -> numpy._core
-    return getattr(core.multiarray, name)
-
-
-# Real callables the pickle may use. Each only rebuilds data from the arguments it is given.
-_ALLOWED_CALLABLES: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("torch", "Size"): torch.Size,
-    ("torch", "device"): torch.device,
-    ("_codecs", "encode"): __import__("codecs").encode,  # numpy arrays pickled with protocol 2
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-}
-for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy-1 and numpy-2 pickles
-    _ALLOWED_CALLABLES[(_mod, "_reconstruct")] = _numpy_global("_reconstruct")
-    _ALLOWED_CALLABLES[(_mod, "scalar")] = _numpy_global("scalar")
-for _mod in ("builtins", "__builtin__"):
-    for _name in ("set", "frozenset", "dict", "list", "tuple", "int", "float", "bool", "str", "bytes",
-                  "bytearray", "slice", "complex"):
-        _ALLOWED_CALLABLES[(_mod, _name)] = getattr(__import__("builtins"), _name)
-for _dt in ("float16", "float32", "float64", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "bool"):
-    _ALLOWED_CALLABLES[("torch", _dt)] = getattr(torch, _dt)
-
-# Class paths that become placeholders: the official tree and torch's own module classes.
-_PLACEHOLDER_PREFIXES = ("models.", "torch.nn.modules.", "torch.nn.parameter.")
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        path = f"{module}.{name}"
-        if (module, name) in _ALLOWED_CALLABLES:
-            return _ALLOWED_CALLABLES[(module, name)]
-        if path.startswith(_PLACEHOLDER_PREFIXES):
-            return _placeholder(path)
-        raise UnsafeCheckpointError(
-            f"refused to load: the checkpoint's pickle references '{path}', which is not part of an official "
-            "YOLOv7 checkpoint (nothing was executed)"
-        )
-
-
-# torch.load(pickle_module=...) needs a module-like object with Unpickler and load.
-_SAFE_PICKLE = SimpleNamespace(
-    Unpickler=_SafeUnpickler,
-    load=lambda f, **kw: _SafeUnpickler(f, **kw).load(),
-    __name__="yolo7_export_safe_pickle",
-)
+# Bounds on what a checkpoint may ask us to walk (a full yolov7-e6e has ~2,000 modules, depth 5).
+MAX_MODULES = 100_000
+MAX_DEPTH = 64
+MAX_PLAIN_NODES = 1_000_000  # yaml / names: nodes visited while checking they are plain data
+MAX_NC = 100_000
 
 
 @dataclass
@@ -133,10 +59,20 @@ class Checkpoint:
     names: list[str]
     stride: list[float]
     anchors_px: list[list[list[float]]]  # [nl][na][2] anchor sizes in input pixels
-    head_type: str  # 'Detect' | 'IDetect' | 'IAuxDetect'
+    head_type: str  # 'Detect' | 'IDetect' | 'IAuxDetect' | 'ISegment'
     bn_eps: float = 1e-3
     source_key: str = "model"
     module_census: dict[str, int] = field(default_factory=dict)
+    nm: int = 0  # mask coefficients per anchor (segmentation heads), 0 otherwise
+    nkpt: int = 0  # keypoints per anchor (pose head IKeypoint), 0 otherwise
+    dw_conv_kpt: bool = False  # pose head: depth-wise keypoint branch (yaml dw_conv_kpt) or one 1x1 conv
+
+    @property
+    def task(self) -> str:
+        """'segment' for the u7 seg head, 'pose' for the pose-branch keypoint head, else 'detect'."""
+        if self.head_type in KEYPOINT_HEADS:
+            return "pose"
+        return "segment" if self.head_type in SEGMENT_HEADS else "detect"
 
     @property
     def nc(self) -> int:
@@ -156,35 +92,86 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def _unpickle(path: Path) -> Any:
-    if not path.exists():
-        raise UserError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        raise UserError(f"checkpoint path is a directory, not a file: {path}")
-    if path.stat().st_size == 0:
-        raise UserError(f"checkpoint is empty (0 bytes): {path}")
-    is_zip = zipfile.is_zipfile(path)
+    """Checked zip -> checked pickle -> placeholders and tensors. Never hands the file to torch.load."""
     try:
-        return torch.load(path, map_location="cpu", pickle_module=_SAFE_PICKLE, weights_only=False)
-    except UserError:
-        raise
-    except Exception as exc:  # torch raises many types for corrupt input; all mean the same to a user
-        kind = "truncated or corrupt PyTorch checkpoint" if is_zip else "not a PyTorch checkpoint"
-        raise UserError(f"{kind}: {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from exc
+        st = path.stat()
+    except FileNotFoundError:
+        raise UserError(f"checkpoint not found: {path}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read checkpoint {path}: {first_line(exc)}") from exc
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"checkpoint path is a directory, not a file: {path}")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+        raise UserError(f"refused to load: {path} is not a regular file (a pipe, device or socket)")
+    if st.st_size == 0:
+        raise UserError(f"checkpoint is empty (0 bytes): {path}")
+    archive = open_torch_zip(path)
+    try:
+        with warnings.catch_warnings():  # torch/numpy warnings would print before our one-line error
+            warnings.simplefilter("ignore")
+            return unpickle(archive.pickle, archive.read_record)
+    finally:
+        archive.close()
 
 
-def _flatten_state(module: PickledObject, prefix: str, out: dict[str, torch.Tensor],
-                   census: collections.Counter) -> None:
-    census[module.class_path] += 1
-    for key in ("_parameters", "_buffers"):
-        for name, tensor in (module.get(key) or {}).items():
-            if tensor is None:
-                continue
-            if not isinstance(tensor, torch.Tensor):
-                raise UserError(f"corrupt checkpoint: {prefix}{name} is a {type(tensor).__name__}, not a tensor")
-            out[prefix + name] = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
-    for name, child in module.children().items():
-        if child is not None:
-            _flatten_state(child, f"{prefix}{name}.", out, census)
+def _iter_modules(root: PickledObject, path: Path) -> Iterator[tuple[str, PickledObject]]:
+    """Depth-first (prefix, module) pairs in pickled order, within :data:`MAX_MODULES` and :data:`MAX_DEPTH`."""
+    stack: list[tuple[str, PickledObject, int]] = [("", root, 0)]
+    seen = 0
+    while stack:
+        prefix, module, depth = stack.pop()
+        seen += 1
+        if seen > MAX_MODULES or depth > MAX_DEPTH:
+            raise UserError(f"refused to load: {path}'s module tree is larger than {MAX_MODULES} modules or deeper "
+                            f"than {MAX_DEPTH} (shared or cyclic submodules?)")
+        yield prefix, module
+        kids = [(f"{prefix}{name}.", child) for name, child in module.children().items() if child is not None]
+        for name_prefix, child in reversed(kids):
+            if not isinstance(child, PickledObject):
+                raise UserError(f"corrupt checkpoint: submodule {name_prefix[:-1]} is a {type(child).__name__}")
+            stack.append((name_prefix, child, depth + 1))
+
+
+def _flatten_state(root: PickledObject, prefix: str, path: Path) -> tuple[dict[str, torch.Tensor], collections.Counter]:
+    """The flat state dict (floats as fp32) and a census of module classes."""
+    out: dict[str, torch.Tensor] = {}
+    census: collections.Counter = collections.Counter()
+    for sub, module in _iter_modules(root, path):
+        census[module.class_path] += 1
+        for key in ("_parameters", "_buffers"):
+            entries = module.get(key) or {}
+            if not isinstance(entries, dict):
+                raise UserError(f"corrupt checkpoint: {prefix}{sub}{key} is a {type(entries).__name__}, not a dict")
+            for name, tensor in entries.items():
+                if tensor is None:
+                    continue
+                if not isinstance(tensor, torch.Tensor):
+                    raise UserError(f"corrupt checkpoint: {prefix}{sub}{name} is a {type(tensor).__name__}, "
+                                    "not a tensor")
+                out[f"{prefix}{sub}{name}"] = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
+    return out, census
+
+
+def _check_plain(value: Any, what: str, path: Path) -> None:
+    """Refuse anything but bounded plain data (dict/list/tuple/str/number/None) in the yaml or names.
+
+    A pickle can make a list that holds itself, or a DAG whose every level references the level below twice:
+    printing or walking it would then never end. We visit every node once per path, within a budget.
+    """
+    budget = MAX_PLAIN_NODES
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        budget -= 1
+        if budget < 0 or depth > 32:
+            raise UserError(f"refused to load: {path}'s {what} is too large or nested too deeply "
+                            "(shared or cyclic references?)")
+        if isinstance(node, dict):
+            stack.extend((x, depth + 1) for kv in node.items() for x in kv)
+        elif isinstance(node, (list, tuple)):
+            stack.extend((x, depth + 1) for x in node)
+        elif node is not None and not isinstance(node, (str, int, float)):
+            raise UserError(f"corrupt checkpoint: {path}'s {what} holds a {type(node).__name__}")
 
 
 def _pick_model(obj: Any, path: Path) -> tuple[PickledObject, str]:
@@ -199,7 +186,8 @@ def _pick_model(obj: Any, path: Path) -> tuple[PickledObject, str]:
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path} is a plain state dict without the architecture; export needs the official "
                         "training checkpoint (with 'model' and its yaml), e.g. runs/train/exp/weights/best.pt")
-    raise UserError(f"not a YOLOv7 checkpoint: {path} has no 'model' or 'ema' entry (keys: {sorted(obj)[:8]})")
+    keys = [str(k)[:40] for k in list(obj)[:8]]
+    raise UserError(f"not a YOLOv7 checkpoint: {path} has no 'model' or 'ema' entry (keys: {keys})")
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -207,46 +195,93 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     obj = _unpickle(path)
     model, key = _pick_model(obj, path)
-    if model.class_path != "models.yolo.Model":
-        raise UserError(f"not a YOLOv7 checkpoint: the model is a '{model.class_path}', expected models.yolo.Model")
+    if model.class_path not in _MODEL_CLASSES:
+        raise UserError(f"not a YOLOv7 checkpoint: the model is a '{model.class_path}', expected models.yolo.Model "
+                        "(or models.yolo.SegmentationModel)")
     yaml = model.get("yaml")
     if not isinstance(yaml, dict) or "backbone" not in yaml or "head" not in yaml:
         raise UserError(f"checkpoint {path} has no embedded model yaml (backbone/head); cannot rebuild the network")
+    _check_plain(yaml, "model yaml", path)
+    nc = yaml.get("nc")
+    if type(nc) is not int or not 1 <= nc <= MAX_NC:
+        raise UserError(f"checkpoint {path}: the model yaml's 'nc' (number of classes) is {nc!r}; expected an "
+                        f"integer in 1..{MAX_NC}")
     seq = model.children().get("model")
-    if seq is None or not seq.children():
+    if not isinstance(seq, PickledObject) or not seq.children():
         raise UserError(f"checkpoint {path} has no layers under model.model")
     head = list(seq.children().values())[-1]
-    state: dict[str, torch.Tensor] = {}
-    census: collections.Counter = collections.Counter()
-    _flatten_state(seq, "model.", state, census)
+    if not isinstance(head, PickledObject):
+        raise UserError(f"checkpoint {path}: the last layer is a {type(head).__name__}, not a module")
+    state, census = _flatten_state(seq, "model.", path)
 
     stride = head.get("stride")
     if stride is None:
         stride = model.get("stride")
-    if stride is None:
+    stride = _numbers(stride, "stride", path, limit=16)
+    if not stride:
         raise UserError(f"checkpoint {path}: the Detect module has no stride")
-    stride = [float(s) for s in torch.as_tensor(stride).flatten()]
     head_buffers = head.get("_buffers") or {}
     if "anchor_grid" in head_buffers:  # what the official forward multiplies by (pixels)
-        anchors = head_buffers["anchor_grid"].float().reshape(len(stride), -1, 2)
+        anchors, scale = head_buffers["anchor_grid"], 1.0
     elif "anchors" in head_buffers:  # grid units
-        anchors = head_buffers["anchors"].float().reshape(len(stride), -1, 2) * torch.tensor(stride).view(-1, 1, 1)
+        anchors, scale = head_buffers["anchors"], torch.tensor(stride).view(-1, 1, 1)
     else:
         raise UserError(f"checkpoint {path}: the Detect module has no anchors")
-    bn_eps = [m.get("eps") for m in _walk(seq) if m.class_name == "BatchNorm2d"]
-    names = model.get("names") or [str(i) for i in range(int(yaml["nc"]))]
+    if not isinstance(anchors, torch.Tensor) or anchors.numel() == 0 or anchors.numel() % (2 * len(stride)) \
+            or anchors.numel() > 2 * len(stride) * 64:
+        raise UserError(f"checkpoint {path}: the Detect module's anchors do not form [{len(stride)} levels, n, 2]")
+    anchors = anchors.float().reshape(len(stride), -1, 2) * scale
+    bn_eps = [m.get("eps") for _, m in _iter_modules(seq, path) if m.class_name == "BatchNorm2d"]
+    eps = bn_eps[0] if bn_eps and bn_eps[0] is not None else 1e-3
+    if not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise UserError(f"checkpoint {path}: BatchNorm eps is {eps!r}; expected a number in (0, 1)")
+    names = model.get("names")
+    if names is None:
+        names = [str(i) for i in range(nc)]
+    _check_plain(names, "class names", path)
     if isinstance(names, dict):  # some forks store {id: name}
-        names = [names[k] for k in sorted(names)]
+        try:
+            names = [names[k] for k in sorted(names)]
+        except TypeError as exc:
+            raise UserError(f"checkpoint {path}: class-name ids are not all numbers") from exc
+    if not isinstance(names, (list, tuple)):
+        raise UserError(f"checkpoint {path}: class names are a {type(names).__name__}, not a list")
+    names = [str(n) for n in names]
+    check_weights(state, nc=nc, names=names, stride=stride, anchors_px=anchors, source=str(path))
     return Checkpoint(
-        path=path, sha256=sha256_file(path), yaml=yaml, state_dict=state, names=[str(n) for n in names],
-        stride=stride, anchors_px=anchors.tolist(), head_type=head.class_name,
-        bn_eps=float(bn_eps[0]) if bn_eps and bn_eps[0] is not None else 1e-3,
+        path=path, sha256=sha256_file(path), yaml=yaml, state_dict=state, names=names,
+        stride=stride, anchors_px=anchors.tolist(), head_type=head.class_name, bn_eps=float(eps),
         source_key=key, module_census=dict(census),
+        nm=int(head.get("nm") or 0) if head.class_name in SEGMENT_HEADS else 0,
+        **_keypoint_facts(head, state, path),
     )
 
 
-def _walk(module: PickledObject):
-    yield module
-    for child in module.children().values():
-        if child is not None:
-            yield from _walk(child)
+def _keypoint_facts(head: Any, state: dict[str, torch.Tensor], path: Path) -> dict:
+    """nkpt and the keypoint-branch form of a pose head, from the pickled head (the official forward reads
+    its attributes, not the yaml); the branch form is checked against the weights actually present."""
+    if head.class_name not in KEYPOINT_HEADS:
+        return {}
+    nkpt = head.get("nkpt")
+    if not isinstance(nkpt, int) or not 0 < nkpt <= 1000:
+        raise UserError(f"checkpoint {path}: the pose head's keypoint count nkpt is {nkpt!r}; expected a positive int")
+    prefix = next((k.rsplit(".m_kpt.", 1)[0] for k in state if ".m_kpt." in k), None)
+    if prefix is None:
+        raise UserError(f"checkpoint {path}: the pose head (IKeypoint) has no keypoint branch weights (m_kpt)")
+    dw = f"{prefix}.m_kpt.0.0.conv.weight" in state  # Sequential(DWConv, Conv, ...) vs one nn.Conv2d
+    return {"nkpt": nkpt, "dw_conv_kpt": dw}
+
+
+
+def _numbers(value: Any, what: str, path: Path, limit: int) -> list[float]:
+    """A short list of finite numbers from a tensor/list (the pickled Detect.stride), or a one-line error."""
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        if value.numel() > limit:
+            raise UserError(f"checkpoint {path}: the Detect module's {what} has {value.numel()} values")
+        return [float(v) for v in value.flatten().tolist()]
+    if isinstance(value, (list, tuple)) and len(value) <= limit \
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return [float(v) for v in value]
+    raise UserError(f"checkpoint {path}: the Detect module's {what} is not a short list of numbers")
