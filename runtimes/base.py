@@ -6,12 +6,12 @@ the mapping of boxes back to the original images.
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .backend import Backend  # noqa: F401 - re-exported: the face every backend implements
 from .contract import NMS_OUTPUTS, RAW_OUTPUT, ModelInfo
 from .preprocess import Letterbox, preprocess, scale_boxes
 
@@ -23,6 +23,9 @@ class Detections:
     boxes: np.ndarray  # [n, 4] float32
     scores: np.ndarray  # [n] float32
     classes: np.ndarray  # [n] int32
+    # segmentation only: from postprocess, soft masks [n,H/4,W/4] at prototype resolution (network input);
+    # after detect(), boolean masks [n,h,w] in the image's own pixels (runtimes/masks.py)
+    masks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -32,28 +35,16 @@ class Detections:
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32))
 
     def to_list(self, names: list[str]) -> list[dict]:
-        return [{"box": [round(float(v), 2) for v in b], "score": round(float(s), 5), "class_id": int(c),
-                 "class_name": names[int(c)] if 0 <= int(c) < len(names) else str(int(c))}
-                for b, s, c in zip(self.boxes, self.scores, self.classes)]
+        out = [{"box": [round(float(v), 2) for v in b], "score": round(float(s), 5), "class_id": int(c),
+                "class_name": names[int(c)] if 0 <= int(c) < len(names) else str(int(c))}
+               for b, s, c in zip(self.boxes, self.scores, self.classes)]
+        if self.masks is not None and self.masks.dtype == bool:  # COCO RLE of each image-sized mask
+            from .masks import rle_encode
 
+            for record, mask in zip(out, self.masks):
+                record["mask"] = rle_encode(mask)
+        return out
 
-class Backend(ABC):
-    """Runs a preprocessed float32 batch [B,3,H,W]; returns outputs by contract name."""
-
-    name: str = "backend"
-    info: ModelInfo
-
-    @abstractmethod
-    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        ...
-
-    @property
-    def fixed_batch(self) -> int | None:
-        """The batch size the artifact requires, or None if any batch size works."""
-        return self.info.batch
-
-    def describe(self) -> dict:
-        return {"backend": self.name, "precision": self.info.precision, "nms": self.info.nms}
 
 
 @dataclass
@@ -106,6 +97,18 @@ class Detector:
     def info(self) -> ModelInfo:
         return self.backend.info
 
+    def close(self) -> None:
+        """Close the backend now (runtimes.backend: lifecycle); ``with Detector(...) as det:`` does it on exit."""
+        self.backend.close()
+
+    def __enter__(self) -> "Detector":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+
     def detect(self, images_bgr: list[np.ndarray], config: DetectConfig | None = None) -> list[Detections]:
         """OpenCV BGR images (any sizes) -> detections in each image's own pixels.
 
@@ -135,6 +138,10 @@ class Detector:
 
     def postprocess(self, outputs: dict[str, np.ndarray], config: DetectConfig | None = None) -> list[Detections]:
         """Contract outputs -> per-image detections in network-input pixels (``config`` as in detect)."""
+        if self.info.task == "segment":  # + masks: in-graph det_masks, or decoded here from output + protos
+            from .masks import postprocess_segment
+
+            return postprocess_segment(outputs, self.info, config or self.config)
         if all(k in outputs for k in NMS_OUTPUTS):
             num, boxes, scores, classes = (outputs[k] for k in NMS_OUTPUTS)
             result = []
@@ -153,4 +160,9 @@ class Detector:
 
     @staticmethod
     def _scale(d: Detections, lb: Letterbox) -> Detections:
-        return Detections(scale_boxes(d.boxes, lb), d.scores, d.classes)
+        masks = None
+        if d.masks is not None:  # prototype resolution is exactly 1/4 of the network input
+            from .masks import masks_to_image
+
+            masks = masks_to_image(d.masks, (4 * d.masks.shape[1], 4 * d.masks.shape[2]), lb)
+        return Detections(scale_boxes(d.boxes, lb), d.scores, d.classes, masks)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Backend
+from .backend import Backend
 from .contract import INPUT_NAME, NMS_OUTPUTS, RAW_OUTPUT, ModelInfo
 from .errors import UserError
 from .metadata import info_from_props
@@ -24,12 +24,20 @@ class OnnxBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None):
+    def __init__(self, model: str | Path | bytes | object, device: str = "cpu", threads: int | None = None):
+        """``model``: a path, or an in-memory graph (serialized bytes, or an ``onnx.ModelProto``), so a tool that
+        edits graphs (INT8 recovery) runs them without writing temp files."""
         import onnxruntime as ort
 
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise UserError(f"ONNX file not found: {self.path}")
+        if isinstance(model, (str, Path)):
+            self.path: Path | None = Path(model)
+            self.label = self.path.name
+            if not self.path.is_file():
+                raise UserError(f"ONNX file not found: {self.path}")
+            source = str(self.path)
+        else:  # ONNX Runtime takes the serialized model directly; a ModelProto is serialized here
+            self.path, self.label = None, "the in-memory ONNX"
+            source = model if isinstance(model, (bytes, bytearray)) else model.SerializeToString()
         options = ort.SessionOptions()
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3  # warnings about unused initializers etc. are noise to a user
@@ -38,9 +46,9 @@ class OnnxBackend(Backend):
             options.inter_op_num_threads = 1
         providers = _providers(device)
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+            self.session = ort.InferenceSession(source, sess_options=options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own types for bad files and unknown ops
-            raise UserError(_explain_load_failure(self.path, exc)) from exc
+            raise UserError(_explain_load_failure(self.path, self.label, exc)) from exc
         if device.startswith("cuda") and "CUDAExecutionProvider" not in self.session.get_providers():
             raise UserError("--device cuda: onnxruntime could not start its CUDA provider (check the CUDA/cuDNN "
                             "libraries that onnxruntime-gpu needs); use --device cpu")
@@ -54,19 +62,19 @@ class OnnxBackend(Backend):
         inputs = self.session.get_inputs()
         outputs = {o.name for o in self.session.get_outputs()}
         if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
-            raise UserError(f"{self.path.name}: expected one input named '{INPUT_NAME}', found "
+            raise UserError(f"{self.label}: expected one input named '{INPUT_NAME}', found "
                             f"{[i.name for i in inputs]}; not a yolo7-export ONNX")
         wanted = [RAW_OUTPUT] if self.info.nms == "none" else list(NMS_OUTPUTS)
         missing = [name for name in wanted if name not in outputs]
         if missing:
-            raise UserError(f"{self.path.name}: metadata says nms={self.info.nms!r} but the graph lacks outputs "
+            raise UserError(f"{self.label}: metadata says nms={self.info.nms!r} but the graph lacks outputs "
                             f"{missing} (has {sorted(outputs)}); not a yolo7-export ONNX or it was edited")
         shape = inputs[0].shape
         if len(shape) != 4:
-            raise UserError(f"{self.path.name}: input '{INPUT_NAME}' has rank {len(shape)}, expected [B,3,H,W]")
+            raise UserError(f"{self.label}: input '{INPUT_NAME}' has rank {len(shape)}, expected [B,3,H,W]")
         hw = tuple(shape[2:])
         if all(isinstance(s, int) for s in hw) and hw != tuple(self.info.imgsz):
-            raise UserError(f"{self.path.name}: graph input is {hw[0]}x{hw[1]} but its metadata says "
+            raise UserError(f"{self.label}: graph input is {hw[0]}x{hw[1]} but its metadata says "
                             f"{self.info.imgsz[0]}x{self.info.imgsz[1]}; the file was edited after export")
         # A fixed leading dimension means the artifact only takes that batch size (Detector.run splits/pads).
         self.info.batch = shape[0] if isinstance(shape[0], int) else None
@@ -75,22 +83,26 @@ class OnnxBackend(Backend):
 
     # -- inference --------------------------------------------------------------------------------------
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        self._ensure_open()
         batch = np.asarray(batch)
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise UserError(f"expected a batch [B,3,H,W], got shape {list(batch.shape)}")
         if tuple(batch.shape[2:]) != tuple(self.info.imgsz):
-            raise UserError(f"input is {batch.shape[2]}x{batch.shape[3]} but {self.path.name} was exported for "
+            raise UserError(f"input is {batch.shape[2]}x{batch.shape[3]} but {self.label} was exported for "
                             f"{self.info.imgsz[0]}x{self.info.imgsz[1]} (letterbox images with runtimes.preprocess)")
         if self.info.batch is not None and len(batch) != self.info.batch:
-            raise UserError(f"{self.path.name} has a fixed batch of {self.info.batch}, got {len(batch)} images "
+            raise UserError(f"{self.label} has a fixed batch of {self.info.batch}, got {len(batch)} images "
                             "(use Detector.run, which splits and pads batches)")
         feed = {INPUT_NAME: np.ascontiguousarray(batch, dtype=self._input_dtype)}
         values = self.session.run(self._output_names, feed)
         return {name: (v.astype(np.float32) if v.dtype == np.float16 else v)
                 for name, v in zip(self._output_names, values)}
 
+    def _release(self) -> None:
+        self.session = None
+
     def describe(self) -> dict:
-        return {**super().describe(), "providers": self.session.get_providers()}
+        return {**super().describe(), "providers": self.session.get_providers() if self.session else []}
 
 
 def _providers(device: str) -> list:
@@ -114,13 +126,13 @@ def _read_info(session) -> ModelInfo:
 
 
 
-def _explain_load_failure(path: Path, exc: Exception) -> str:
+def _explain_load_failure(path: Path | None, label: str, exc: Exception) -> str:
     """One line for a user: a TensorRT-only graph, a foreign custom op, or a broken file."""
     text = str(exc)
     first = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
     if "EfficientNMS_TRT" in text:
-        return (f"{path.name} ends in TensorRT's EfficientNMS_TRT plugin, which ONNX Runtime cannot run; export "
+        return (f"{label} ends in TensorRT's EfficientNMS_TRT plugin, which ONNX Runtime cannot run; export "
                 "with --nms onnx (or --nms none) for ONNX Runtime, or build a TensorRT engine")
     if "protobuf" in text.lower() or "INVALID_PROTOBUF" in text:
-        return f"not a valid ONNX file: {path} ({first})"
-    return f"ONNX Runtime cannot load {path.name}: {first}"
+        return f"not a valid ONNX file: {path or label} ({first})"
+    return f"ONNX Runtime cannot load {label}: {first}"

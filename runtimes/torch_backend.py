@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Backend
-from .contract import RAW_OUTPUT, ModelInfo
+from .backend import Backend
+from .contract import PROTO_OUTPUT, RAW_OUTPUT, ModelInfo
 from .errors import UserError
 
 
@@ -42,17 +42,29 @@ class TorchBackend(Backend):
         if half:
             self.model.half()
         self.info = ModelInfo(names=list(ckpt.names), stride=list(ckpt.stride), imgsz=size, nms="none",
-                              precision="fp16" if half else "fp32", batch=None, source_sha256=ckpt.sha256)
+                              precision="fp16" if half else "fp32", batch=None, source_sha256=ckpt.sha256,
+                              task=ckpt.task, nm=ckpt.nm)
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+        self._ensure_open()
+        x = torch.from_numpy(
+np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
         if self.half:
             x = x.half()
         with torch.inference_mode():
             out = self.model(x)
+        if isinstance(out, tuple):  # segmentation: (output, protos)
+            return {RAW_OUTPUT: out[0].float().cpu().numpy(), PROTO_OUTPUT: out[1].float().cpu().numpy()}
         return {RAW_OUTPUT: out.float().cpu().numpy()}
+
+    def _release(self) -> None:
+        self.model = None
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()  # hand the cached blocks back now, for the next backend of a sweep
 
     def describe(self) -> dict:
         return {**super().describe(), "device": str(self.device)}

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import trt_env
-from .base import Backend
+from .backend import Backend
 from .contract import META_PREFIX, ModelInfo
 
 log = logging.getLogger("yolo7_export")
@@ -192,6 +192,21 @@ class TrtBackend(Backend):
         return self.input_shape[0] if self.input_shape[0] > 0 else None
 
     @property
+    def max_batch(self) -> int | None:
+        """A static engine's batch, else the maximum of its optimization profile 0 (``--max-batch``)."""
+        if self.fixed_batch:
+            return self.fixed_batch
+        _, _, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)
+        return int(tuple(hi)[0])
+
+    def _release(self) -> None:
+        """Graphs and buffers first (they live in the context's memory), then context, engine, runtime."""
+        self._graphs.clear()
+        self._buffers.clear()
+        self._bound = None
+        self.context = self.engine = self.runtime = None
+
+    @property
     def stream(self):
         return self.cuda.stream
 
@@ -227,6 +242,7 @@ class TrtBackend(Backend):
 
     def enqueue(self, batch_size: int) -> None:
         """Queue one inference on the bound buffers of ``batch_size`` (no copies, no sync): for timing."""
+        self._ensure_open()
         self._bind((batch_size, *self.input_shape[1:]))
         if not self.cuda_graph:
             self._execute()
@@ -239,6 +255,7 @@ class TrtBackend(Backend):
         self.cuda.replay(graph)
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        self._ensure_open()
         x = np.ascontiguousarray(batch, dtype=np.float32)
         n = self._bind(x.shape)
         buffers = self._buffers[n]

@@ -235,3 +235,25 @@ def test_open_backend_picks_tensorrt_for_engines(trt, built, runtime_fakes):
     backend = open_backend(built[0].engine_path, cuda_graph=False)
     assert isinstance(backend, trt_backend.TrtBackend)
     assert backend.describe()["tensorrt"] == trt.__version__ and backend.describe()["gpu"] == GPU.name
+
+
+def test_max_batch_comes_from_the_engine_profile(trt, built, runtime_fakes):
+    """yolo7-bench times a dynamic engine only at batch sizes its profile takes (issue: it asked for batch 32
+    of a --max-batch 8 engine and stopped before writing the report)."""
+    from exporter.check.harness import _batches_for
+    from runtimes.base import Detector
+
+    backend = trt_backend.TrtBackend(built[0].engine_path)
+    assert backend.fixed_batch is None and backend.max_batch == MAX_BATCH
+    assert _batches_for(Detector(backend), (1, 2, MAX_BATCH + 1, 32)) == [1, 2]
+    assert _batches_for(Detector(backend), (8, 32)) == [1]  # nothing fits: the smallest batch, not a crash
+
+
+def test_close_releases_the_engine_and_refuses_later_use(trt, built, runtime_fakes):
+    with trt_backend.TrtBackend(built[0].engine_path) as backend:
+        backend.infer(np.ones((2, 3, H, W), np.float32))
+        assert backend._buffers and backend.context is not None
+    assert backend.closed and backend.context is None and backend.engine is None and not backend._buffers
+    with pytest.raises(RuntimeError, match="after close"):
+        backend.infer(np.ones((1, 3, H, W), np.float32))
+    backend.close()  # idempotent

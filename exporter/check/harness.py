@@ -265,11 +265,12 @@ def _reference_map(info: ModelInfo, ref: Detector, dataset: Dataset, cfg: BenchC
 
 
 def _batches_for(det: Detector, batches: tuple[int, ...]) -> list[int]:
-    """A fixed-batch artifact is timed at its batch only; a dynamic one at each requested size it allows."""
+    """A fixed-batch artifact is timed at its batch only; a dynamic one at each requested size it allows
+    (a TensorRT engine: up to its profile's maximum, ``--max-batch`` at build time)."""
     fixed = det.backend.fixed_batch
     if fixed:
         return [fixed]
-    limit = getattr(det.backend, "max_batch", None)
+    limit = det.backend.max_batch
     return sorted({b for b in batches if not limit or b <= limit}) or [1]
 
 
