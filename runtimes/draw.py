@@ -33,6 +33,10 @@ def draw_detections(image_bgr: np.ndarray, dets: Detections, names: list[str]) -
     if out.ndim == 2:
         out = cv2.cvtColor(out, cv2.COLOR_GRAY2BGR)
     h, w = out.shape[:2]
+    if dets.masks is not None and dets.masks.dtype == bool and dets.masks.shape[1:] == (h, w):
+        from .masks import draw_masks  # instance masks under the boxes, in the class colour
+
+        out = draw_masks(out, dets.masks, [class_color(int(c)) for c in dets.classes])
     thickness = max(1, round((h + w) / 600))
     font_scale = max(0.35, thickness / 3)
     font = cv2.FONT_HERSHEY_SIMPLEX
