@@ -16,8 +16,8 @@ Steps (per image; every tensor keeps the batch axis, images never mix):
    the rest are dropped (they could only be kept if fewer than K detections survive among the best).
    Deterministic even with ties at the boundary: TopK gives the cap-th largest score t; candidates with
    score > t all enter; those equal to t enter by ascending index, chosen by a second TopK over the
-   exactly-representable float key 2^24 - index (hence at most 2^24 candidates: any 80-class model up
-   to ~2300x2300 input). No step depends on TensorRT's (unspecified) tie order.
+   exactly-representable float key 2^24 - index (hence at most 2^24 candidates: an 80-class model up
+   to ~1800x1800 input multi-label, any size with --best-class). No step depends on TensorRT's (unspecified) tie order.
 3. Order: candidate j precedes i when (s_j > s_i) or (s_j == s_i and index_j < index_i): the official
    stable sort. A [cap,cap] boolean matrix, not a physical sort.
 4. IoU matrix in float32 with the reference's arithmetic (corners min/max, areas, inter / union), and the
@@ -46,16 +46,12 @@ the results differ only on exact equality.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
-from runtimes.contract import NMS_INDICES, NMS_OUTPUTS
-
 from .errors import UserError
+from .nms_graph import (BOOL, F32, FLOAT, I32, I64, INT32, INT64, KEY_LIMIT, MAX_TOPK, Builder, finish_outputs,
+                        gather_rows, pad_columns, precedence, top_set)
 from .options import NmsOptions
-
-MAX_TOPK = 3840  # TensorRT's limit on a TopK's K (and the largest candidate cap)
-KEY_LIMIT = 1 << 24  # candidate indices must stay exact in float32 (the tie-breaking TopK key)
 
 
 def validate_portable(nms: NmsOptions) -> None:
@@ -73,158 +69,114 @@ def iou_floor32(iou: float) -> np.float32:
     return np.nextafter(t, np.float32(-np.inf)) if float(t) > float(iou) else t
 
 
-def portable_tail(b, pred, boxes, scores, nc: int, nms: NmsOptions) -> list:
+def per_anchor_candidates(nms: NmsOptions, nc: int) -> bool:
+    """One candidate per anchor (its best class) instead of one per (anchor, class)."""
+    return bool(nms.best_class or (nms.agnostic and nms.iou < 1) or nc == 1)
+
+
+def portable_tail(b: Builder, pred, boxes, scores, nc: int, nms: NmsOptions) -> list:
     """boxes [B,N,4] xyxy, scores [B,N,nc] -> num_dets, det_boxes, det_scores, det_classes, det_indices."""
     validate_portable(nms)
-    f32, i64 = np.float32, np.int64
     cap, K = int(nms.candidates), int(nms.topk)
     n_anchor = pred.shape[1] if pred.shape and isinstance(pred.shape[1], int) else None
-    per_anchor = nms.best_class or (nms.agnostic and nms.iou < 1) or nc == 1
+    per_anchor = per_anchor_candidates(nms, nc)
     width = 1 if per_anchor else nc
     if n_anchor is not None and n_anchor * width + cap > KEY_LIMIT:
         raise UserError(f"the portable NMS tail supports at most {KEY_LIMIT} candidates per image; "
                         f"{n_anchor} anchors x {width} labels is too many (use --best-class or a smaller input)")
 
-    # 1. candidate scores v [B,L0] and, for best-class, each anchor's class
+    # 1. candidate scores v [B,L] (index anchor*width + label) and, per anchor, the best class
+    best_cls = None
     if per_anchor and nc > 1:
-        best = _reduce(b, "ReduceMax", scores, 2, f32, keepdims=1)  # [B,N,1]
-        ids = b.const(np.arange(nc, dtype=f32), f32)
-        is_best = b.op("Equal", [scores, best], dtype=np.bool_)
-        lowest = b.op("Where", [is_best, ids, b.const(float(nc), f32)], dtype=f32)
-        best_cls = _reduce(b, "ReduceMin", lowest, 2, f32)  # [B,N] float class ids (exact)
-        v = b.squeeze(best, 2, dtype=f32)
+        best = b.reduce("ReduceMax", scores, 2, F32, keepdims=1)  # [B,N,1]
+        ids = b.const(np.arange(nc, dtype=np.float32), F32)
+        lowest = b.op("Where", [b.op("Equal", [scores, best], dtype=BOOL), ids, b.const(float(nc), F32)], dtype=F32)
+        best_cls = b.reduce("ReduceMin", lowest, 2, F32)  # [B,N]: the lowest class id among equal maxima
+        v = b.squeeze(best, 2, dtype=F32)
     elif per_anchor:
-        best_cls = None
-        v = b.squeeze(scores, 2, dtype=f32)
+        v = b.squeeze(scores, 2, dtype=F32)
     else:
-        best_cls = None
-        v = b.op("Reshape", [scores, b.const([0, -1], i64)], dtype=f32)  # [B,N*C], index anchor*C + class
-    passed = b.op("Greater", [v, b.const(np.float32(nms.conf), f32)], dtype=np.bool_)
-    vm = b.op("Where", [passed, v, b.const(-1.0, f32)], dtype=f32)
-    # pad with cap failing entries: TopK's K = cap is then valid for any (even dynamic) number of anchors
-    vm = b.op("Pad", [vm, b.const([0, 0, 0, cap], i64), b.const(-1.0, f32)], {"mode": "constant"}, dtype=f32)
+        v = b.op("Reshape", [scores, b.const([0, -1], I64)], dtype=F32)
+    passed = b.op("Greater", [v, b.const(np.float32(nms.conf), F32)], dtype=BOOL)
+    v = pad_columns(b, b.op("Where", [passed, v, b.const(-1.0, F32)], dtype=F32), cap)
 
-    # 2. the top `cap` by (score desc, index asc), as a set chosen without relying on TopK's tie order
-    topk = {"axis": 1, "largest": 1, "sorted": 1}
-    k_cap = b.const([cap], i64)
-    top_vals, _ = b.op("TopK", [vm, k_cap], topk, dtype=[f32, i64], n_out=2)
-    t = b.slice(top_vals, cap - 1, cap, 1, f32)  # [B,1] the cap-th largest score
-    length = b.op("Shape", [vm], dtype=i64)
-    length = b.op("Gather", [length, b.const(1, i64)], {"axis": 0}, dtype=i64)
-    index_f = b.op("Cast", [b.op("Range", [b.const(0, i64), length, b.const(1, i64)], dtype=i64)],
-                   {"to": onnx.TensorProto.FLOAT}, dtype=f32)  # [L], exact below 2^24
-    key = b.op("Where", [b.op("Greater", [vm, t], dtype=np.bool_), b.const(float(2 * KEY_LIMIT), f32),
-                         b.op("Where", [b.op("Equal", [vm, t], dtype=np.bool_),
-                                        b.op("Sub", [b.const(float(KEY_LIMIT), f32), index_f], dtype=f32),
-                                        b.const(-1.0, f32)], dtype=f32)], dtype=f32)
-    _, pos = b.op("TopK", [key, k_cap], topk, dtype=[f32, i64], n_out=2)  # [B,cap]
-
-    # per-candidate facts
-    s = b.op("GatherElements", [vm, pos], {"axis": 1}, dtype=f32)  # [B,cap], -1 = no candidate
-    valid = b.op("Greater", [s, b.const(-0.5, f32)], dtype=np.bool_)
-    pos32 = b.op("Cast", [pos], {"to": onnx.TensorProto.INT32}, dtype=np.int32)
-    if per_anchor:
-        anchor = pos32
-    else:
-        anchor = b.op("Div", [pos32, b.const(np.int32(nc), np.int32)], dtype=np.int32)
-    anchor = b.op("Where", [valid, anchor, b.const(np.int32(0), np.int32)], dtype=np.int32)  # in range
-    anchor64 = b.op("Cast", [anchor], {"to": onnx.TensorProto.INT64}, dtype=i64)
+    # 2. the cap best candidates (a deterministic set), their anchor, class and box
+    pos, s = top_set(b, v, cap)  # [B,cap]; s == -1: no candidate
+    valid = b.op("Greater", [s, b.const(-0.5, F32)], dtype=BOOL)
+    pos32 = b.cast(pos, INT32, I32)
+    anchor = pos32 if per_anchor else b.op("Div", [pos32, b.const(np.int32(nc), I32)], dtype=I32)
+    anchor = b.op("Where", [valid, anchor, b.const(np.int32(0), I32)], dtype=I32)  # padding -> a real row
+    anchor64 = b.cast(anchor, INT64, I64)
     if best_cls is not None:
-        cls_f = b.op("GatherElements", [best_cls, anchor64], {"axis": 1}, dtype=f32)
+        cls_f = b.op("GatherElements", [best_cls, anchor64], {"axis": 1}, dtype=F32)
     elif per_anchor:
-        cls_f = b.op("Mul", [s, b.const(0.0, f32)], dtype=f32)  # nc == 1: class 0
+        cls_f = b.op("Mul", [s, b.const(0.0, F32)], dtype=F32)  # nc == 1
     else:
-        label = b.op("Sub", [pos32, b.op("Mul", [anchor, b.const(np.int32(nc), np.int32)], dtype=np.int32)],
-                     dtype=np.int32)
-        cls_f = b.op("Cast", [label], {"to": onnx.TensorProto.FLOAT}, dtype=f32)
-    idx3 = b.op("Add", [b.unsqueeze(anchor64, 2, dtype=i64), b.const(np.zeros((1, 1, 4), i64), i64)], dtype=i64)
-    cand_boxes = b.op("GatherElements", [boxes, idx3], {"axis": 1}, dtype=f32)  # [B,cap,4]
+        label = b.op("Sub", [pos32, b.op("Mul", [anchor, b.const(np.int32(nc), I32)], dtype=I32)], dtype=I32)
+        cls_f = b.cast(label, FLOAT, F32)
+    cand_boxes = gather_rows(b, boxes, anchor64, 4)  # [B,cap,4]
 
-    # 3. order: j precedes i
-    col = lambda x, dt=f32: b.unsqueeze(x, 2, dtype=dt)  # noqa: E731  [B,cap,1] (i)
-    row = lambda x, dt=f32: b.unsqueeze(x, 1, dtype=dt)  # noqa: E731  [B,1,cap] (j)
-    pos_f = b.op("Cast", [pos], {"to": onnx.TensorProto.FLOAT}, dtype=f32)
-    s_i, s_j = col(s), row(s)
-    higher = b.op("Greater", [s_j, s_i], dtype=np.bool_)
-    tie_first = b.op("And", [b.op("Equal", [s_j, s_i], dtype=np.bool_),
-                             b.op("Less", [row(pos_f), col(pos_f)], dtype=np.bool_)], dtype=np.bool_)
-    before = b.op("Or", [higher, tie_first], dtype=np.bool_)  # [B,cap,cap]
-    rank = _reduce(b, "ReduceSum", b.op("Cast", [before], {"to": onnx.TensorProto.FLOAT}, dtype=f32), 2, f32)
-
-    # 4. IoU > threshold, same class
-    coord = [b.op("Gather", [cand_boxes, b.const(k, i64)], {"axis": 2}, dtype=f32) for k in range(4)]  # [B,cap]
-    x1, x2 = b.op("Min", [coord[0], coord[2]], dtype=f32), b.op("Max", [coord[0], coord[2]], dtype=f32)
-    y1, y2 = b.op("Min", [coord[1], coord[3]], dtype=f32), b.op("Max", [coord[1], coord[3]], dtype=f32)
-    area = b.op("Mul", [b.op("Sub", [x2, x1], dtype=f32), b.op("Sub", [y2, y1], dtype=f32)], dtype=f32)
-    zero = b.const(0.0, f32)
-
-    def overlap(lo, hi):
-        inner = b.op("Sub", [b.op("Min", [col(hi), row(hi)], dtype=f32), b.op("Max", [col(lo), row(lo)], dtype=f32)],
-                     dtype=f32)
-        return b.op("Max", [inner, zero], dtype=f32)
-
-    inter = b.op("Mul", [overlap(x1, x2), overlap(y1, y2)], dtype=f32)
-    union = b.op("Sub", [b.op("Add", [col(area), row(area)], dtype=f32), inter], dtype=f32)
-    iou = b.op("Div", [inter, union], dtype=f32)  # 0/0 = NaN compares False, like the reference's 0
-    suppress = b.op("And", [before, b.op("Greater", [iou, b.const(iou_floor32(nms.iou), f32)], dtype=np.bool_)],
-                    dtype=np.bool_)
+    # 3. order, 4. suppression relation
+    before, rank = precedence(b, s, pos)
+    suppress = b.op("And", [before, _iou_above(b, cand_boxes, nms.iou)], dtype=BOOL)
     if not nms.agnostic:
-        suppress = b.op("And", [suppress, b.op("Equal", [col(cls_f), row(cls_f)], dtype=np.bool_)], dtype=np.bool_)
-    s_mat = b.op("Cast", [suppress], {"to": onnx.TensorProto.FLOAT}, dtype=f32)  # [B,cap,cap]
+        same = b.op("Equal", [b.unsqueeze(cls_f, 2, dtype=F32), b.unsqueeze(cls_f, 1, dtype=F32)], dtype=BOOL)
+        suppress = b.op("And", [suppress, same], dtype=BOOL)
 
     # 5. greedy = the fixed point of keep <- valid & !(S @ keep)
-    valid_f = b.op("Cast", [col(valid, np.bool_)], {"to": onnx.TensorProto.FLOAT}, dtype=f32)  # [B,cap,1]
-    keep = _fixed_point_loop(b, s_mat, valid_f, cap)
-    kept = b.op("Greater", [b.squeeze(keep, 2, dtype=f32), b.const(0.5, f32)], dtype=np.bool_)  # [B,cap]
+    valid_f = b.cast(b.unsqueeze(valid, 2, dtype=BOOL), FLOAT, F32)  # [B,cap,1]
+    keep = _fixed_point_loop(b, b.cast(suppress, FLOAT, F32), valid_f, cap)
+    kept = b.op("Greater", [b.squeeze(keep, 2, dtype=F32), b.const(0.5, F32)], dtype=BOOL)  # [B,cap]
 
-    # 6. first K kept, in order
-    out_key = b.op("Where", [kept, b.op("Sub", [b.const(float(cap), f32), rank], dtype=f32), b.const(-1.0, f32)],
-                   dtype=f32)
-    out_vals, slot = b.op("TopK", [out_key, b.const([K], i64)], topk, dtype=[f32, i64], n_out=2)  # [B,K]
-    ok = b.op("Greater", [out_vals, zero], dtype=np.bool_)
-    num = _reduce(b, "ReduceSum", b.op("Cast", [ok], {"to": onnx.TensorProto.INT32}, dtype=np.int32), 1,
-                  np.int32, keepdims=1)
-    num_dets = b.op("Identity", [num], dtype=np.int32, out_names=[NMS_OUTPUTS[0]])
-    pick = lambda x, dt: b.op("GatherElements", [x, slot], {"axis": 1}, dtype=dt)  # noqa: E731
-    det_scores = b.op("Where", [ok, pick(s, f32), zero], dtype=f32, out_names=[NMS_OUTPUTS[2]])
-    det_cls = b.op("Where", [ok, pick(cls_f, f32), zero], dtype=f32)
-    det_classes = b.op("Cast", [det_cls], {"to": onnx.TensorProto.INT32}, dtype=np.int32, out_names=[NMS_OUTPUTS[3]])
-    det_idx = b.op("Where", [ok, pick(anchor, np.int32), b.const(np.int32(-1), np.int32)], dtype=np.int32,
-                   out_names=[NMS_INDICES])
-    slot4 = b.op("Add", [b.unsqueeze(slot, 2, dtype=i64), b.const(np.zeros((1, 1, 4), i64), i64)], dtype=i64)
-    det_boxes = b.op("Where", [b.unsqueeze(ok, 2, dtype=np.bool_),
-                               b.op("GatherElements", [cand_boxes, slot4], {"axis": 1}, dtype=f32), zero],
-                     dtype=f32, out_names=[NMS_OUTPUTS[1]])
-    return [num_dets, det_boxes, det_scores, det_classes, det_idx]
+    # 6. the first K kept, in order
+    key = b.op("Where", [kept, b.op("Sub", [b.const(float(cap), F32), rank], dtype=F32), b.const(-1.0, F32)],
+               dtype=F32)
+    out_key, slot = b.op("TopK", [key, b.const([K], I64)], {"axis": 1, "largest": 1, "sorted": 1},
+                         dtype=[F32, I64], n_out=2)  # [B,K]; kept keys are distinct
+    ok = b.op("Greater", [out_key, b.const(0.0, F32)], dtype=BOOL)
+    return finish_outputs(b, ok, slot, s, cls_f, anchor, cand_boxes)
 
 
-def _reduce(b, op: str, x, axis: int, dtype, keepdims: int = 0):
-    """Reduce* over one axis; axes became an input in opset 13 (ReduceSum) / 18 (the others)."""
-    if (op == "ReduceSum" and b.opset >= 13) or b.opset >= 18:
-        return b.op(op, [x, b.const([axis], np.int64)], {"keepdims": keepdims}, dtype=dtype)
-    return b.op(op, [x], {"axes": [axis], "keepdims": keepdims}, dtype=dtype)
+def _iou_above(b: Builder, box, iou: float):
+    """box [B,k,4] -> [B,k,k] bool: IoU(i,j) > iou, float32 arithmetic of the numpy reference."""
+    coord = [b.op("Gather", [box, b.const(k, I64)], {"axis": 2}, dtype=F32) for k in range(4)]  # [B,k]
+    x1, x2 = b.op("Min", [coord[0], coord[2]], dtype=F32), b.op("Max", [coord[0], coord[2]], dtype=F32)
+    y1, y2 = b.op("Min", [coord[1], coord[3]], dtype=F32), b.op("Max", [coord[1], coord[3]], dtype=F32)
+    area = b.op("Mul", [b.op("Sub", [x2, x1], dtype=F32), b.op("Sub", [y2, y1], dtype=F32)], dtype=F32)
+    col = lambda x: b.unsqueeze(x, 2, dtype=F32)  # noqa: E731  [B,k,1] (i)
+    row = lambda x: b.unsqueeze(x, 1, dtype=F32)  # noqa: E731  [B,1,k] (j)
+    zero = b.const(0.0, F32)
+
+    def overlap(lo, hi):
+        inner = b.op("Sub", [b.op("Min", [col(hi), row(hi)], dtype=F32), b.op("Max", [col(lo), row(lo)], dtype=F32)],
+                     dtype=F32)
+        return b.op("Max", [inner, zero], dtype=F32)
+
+    inter = b.op("Mul", [overlap(x1, x2), overlap(y1, y2)], dtype=F32)
+    union = b.op("Sub", [b.op("Add", [col(area), row(area)], dtype=F32), inter], dtype=F32)
+    ratio = b.op("Div", [inter, union], dtype=F32)  # 0/0 = NaN compares False, like the reference's 0
+    return b.op("Greater", [ratio, b.const(iou_floor32(iou), F32)], dtype=BOOL)
 
 
-def _fixed_point_loop(b, s_mat, valid_f, cap: int):
+def _fixed_point_loop(b: Builder, s_mat, valid_f, cap: int):
     """ONNX Loop: at most ``cap`` steps of keep <- valid * (S @ keep == 0), stopping once keep is unchanged.
 
     keep is float {0,1} [B,cap,1]; S @ keep counts kept suppressors (exact small integers in float32).
+    TensorRT builds the data-dependent stop (a while loop; checked with TensorRT-RTX in the tests).
     """
-    f32 = np.float32
     it = gs.Variable(b.name("loop_iter"), dtype=np.int64, shape=[])
     cond_in = gs.Variable(b.name("loop_cond_in"), dtype=np.bool_, shape=[])
-    keep_in = gs.Variable(b.name("loop_keep_in"), dtype=f32, shape=None)
+    keep_in = gs.Variable(b.name("loop_keep_in"), dtype=F32, shape=None)
     body = gs.Graph(inputs=[it, cond_in, keep_in], opset=b.opset, name=b.name("greedy_body"))
-    sub = type(b)(body, b.opset)
+    sub = Builder(body, b.opset)
     sub.count = b.count  # one counter: names stay unique across graph and body
-    hits = sub.op("MatMul", [s_mat, keep_in], dtype=f32)
-    free = sub.op("Cast", [sub.op("Less", [hits, sub.const(0.5, f32)], dtype=np.bool_)],
-                  {"to": onnx.TensorProto.FLOAT}, dtype=f32)
-    keep_out = sub.op("Mul", [valid_f, free], dtype=f32)
-    diff = sub.op("Abs", [sub.op("Sub", [keep_out, keep_in], dtype=f32)], dtype=f32)
-    total = sub.op("ReduceSum", [diff], {"keepdims": 0}, dtype=f32)  # no axes: all of them -> scalar
-    cond_out = sub.op("Greater", [total, sub.const(0.5, f32)], dtype=np.bool_)
+    hits = sub.op("MatMul", [s_mat, keep_in], dtype=F32)
+    free = sub.cast(sub.op("Less", [hits, sub.const(0.5, F32)], dtype=BOOL), FLOAT, F32)
+    keep_out = sub.op("Mul", [valid_f, free], dtype=F32)
+    diff = sub.op("Abs", [sub.op("Sub", [keep_out, keep_in], dtype=F32)], dtype=F32)
+    total = sub.op("ReduceSum", [diff], {"keepdims": 0}, dtype=F32)  # no axes: all of them -> scalar
+    cond_out = sub.op("Greater", [total, sub.const(0.5, F32)], dtype=BOOL)
     body.outputs = [cond_out, keep_out]
     b.count = sub.count
-    return b.op("Loop", [b.const(np.int64(cap), np.int64), b.const(np.bool_(True), np.bool_), valid_f],
-                {"body": body}, dtype=f32)
+    return b.op("Loop", [b.const(np.int64(cap), I64), b.const(np.bool_(True), BOOL), valid_f], {"body": body},
+                dtype=F32)

@@ -19,14 +19,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from runtimes.contract import NMS_INDICES, NMS_OUTPUTS, RAW_OUTPUT
+from runtimes.contract import NMS_OUTPUTS, RAW_OUTPUT
 
 from .errors import UserError
+from .nms_graph import (BOOL, F32, FLOAT, I32, I64, INT32, INT64, MAX_TOPK, Builder, finish_outputs, gather_rows,
+                        pad_columns, precedence, top_set)
 from .onnx_export import copy_metadata
 from .options import NmsOptions
 
 TRT_DOMAIN = "TRT"  # TensorRT's parser finds plugins by op type + plugin_version; "TRT" is the usual domain
-PREFIX = "nms/"
 BOXES, SCORES = "nms/boxes", "nms/scores"  # the tails' shared inputs (xyxy [B,N,4], scores [B,N,nc])
 
 
@@ -40,58 +41,11 @@ def validate_nms(nms: NmsOptions) -> None:
         raise UserError(f"--iou must be within [0, 1], got {nms.iou}")
     if int(nms.topk) != nms.topk or nms.topk < 1:
         raise UserError(f"--topk must be an integer >= 1, got {nms.topk}")
+    if nms.mode == "onnx" and nms.topk > MAX_TOPK:
+        raise UserError(f"--topk {nms.topk}: the onnx tail sorts with a TopK of K = --topk, which TensorRT limits "
+                        f"to {MAX_TOPK}")
     if nms.best_class and nms.mode == "efficient":
         raise UserError("--best-class needs --nms onnx or portable (EfficientNMS_TRT is always multi-label)")
-
-
-class _Builder:
-    """Adds named nodes to a gs.Graph; names are counted so the same graph always gets the same names."""
-
-    def __init__(self, graph: gs.Graph, opset: int):
-        self.graph, self.opset, self.count = graph, opset, 0
-
-    def name(self, op: str) -> str:
-        self.count += 1
-        return f"{PREFIX}{op}_{self.count}"
-
-    def const(self, value, dtype) -> gs.Constant:
-        return gs.Constant(self.name("const"), np.asarray(value, dtype=dtype))
-
-    def op(self, op: str, inputs: list, attrs: dict | None = None, dtype=None, shape=None, n_out: int = 1,
-           domain: str | None = None, out_names: list[str] | None = None):
-        name = self.name(op)
-        names = out_names or [f"{name}_out{i}" for i in range(n_out)]
-        many = isinstance(dtype, list)
-        outputs = [gs.Variable(n, dtype=dtype[i] if many else dtype, shape=shape[i] if many and shape else shape)
-                   for i, n in enumerate(names)]
-        node = gs.Node(op=op, name=name, attrs=attrs or {}, inputs=inputs, outputs=outputs, domain=domain)
-        self.graph.nodes.append(node)
-        return outputs[0] if n_out == 1 else outputs
-
-    # opset-dependent forms (axes became an input in opset 13)
-    def unsqueeze(self, x, axis: int, dtype=None):
-        if self.opset >= 13:
-            return self.op("Unsqueeze", [x, self.const([axis], np.int64)], dtype=dtype)
-        return self.op("Unsqueeze", [x], {"axes": [axis]}, dtype=dtype)
-
-    def squeeze(self, x, axis: int, dtype=None):
-        if self.opset >= 13:
-            return self.op("Squeeze", [x, self.const([axis], np.int64)], dtype=dtype)
-        return self.op("Squeeze", [x], {"axes": [axis]}, dtype=dtype)
-
-    def reduce_sum(self, x, axis: int, keepdims: int, dtype=None):
-        if self.opset >= 13:
-            return self.op("ReduceSum", [x, self.const([axis], np.int64)], {"keepdims": keepdims}, dtype=dtype)
-        return self.op("ReduceSum", [x], {"axes": [axis], "keepdims": keepdims}, dtype=dtype)
-
-    def slice(self, x, start: int, end: int, axis: int, dtype=None, out_names=None):
-        c = self.const
-        return self.op("Slice", [x, c([start], np.int64), c([end], np.int64), c([axis], np.int64)], dtype=dtype,
-                       out_names=out_names)
-
-    def column(self, x, index: int, dtype=np.int64):
-        """x[:, index] of a 2-D tensor."""
-        return self.op("Gather", [x, self.const(index, np.int64)], {"axis": 1}, dtype=dtype)
 
 
 def append_nms(proto: onnx.ModelProto, nms: NmsOptions, nc: int, *, keep_raw: bool = False) -> onnx.ModelProto:
@@ -117,7 +71,7 @@ def append_nms(proto: onnx.ModelProto, nms: NmsOptions, nc: int, *, keep_raw: bo
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 11:
         raise UserError(f"the NMS tail needs opset >= 11 (model has {opset})")
-    b = _Builder(graph, opset)
+    b = Builder(graph, opset)
     batch = graph.inputs[0].shape[0] if graph.inputs and graph.inputs[0].shape else "batch"
     K = int(nms.topk)
 
@@ -155,7 +109,7 @@ def append_nms(proto: onnx.ModelProto, nms: NmsOptions, nc: int, *, keep_raw: bo
     return model
 
 
-def _boxes_and_scores(b: _Builder, pred, nc: int, obj_only_single_class: bool = True):
+def _boxes_and_scores(b: Builder, pred, nc: int, obj_only_single_class: bool = True):
     """[B,N,>=5+nc] -> boxes xyxy [B,N,4], scores [B,N,nc] (obj*cls; obj alone when nc == 1 and
     ``obj_only_single_class``)."""
     f32 = np.float32
@@ -170,78 +124,55 @@ def _boxes_and_scores(b: _Builder, pred, nc: int, obj_only_single_class: bool = 
     return boxes, b.op("Mul", [cls, obj], dtype=f32, out_names=[SCORES])
 
 
-def _onnx_tail(b: _Builder, pred, boxes, scores, nc: int, nms: NmsOptions) -> list:
-    """NonMaxSuppression, then per image: sort the selections by score and take the first K.
+def _onnx_tail(b: Builder, pred, boxes, scores, nc: int, nms: NmsOptions) -> list:
+    """NonMaxSuppression, then per image the K best selections in (score desc, anchor, class) order.
 
-    Selections of all images are sorted by score (TopK, ties by index), then stably by image, so each
-    image's detections form one run; run starts come from per-image counts (exclusive CumSum).
+    The selections [M,3] are scattered back into a dense [B,N,C'] score map (-1 where not selected), so
+    every later step has a fixed shape: the K best per image come from ``top_set`` (TopK with K = --topk, a
+    constant <= 3840) and their order from ``precedence`` (stable by anchor then class, like the official
+    NMS), so nothing depends on TopK's order among equal scores. The NMS itself: ONNX Runtime considers
+    every candidate; TensorRT's NMS layer only the best 5000 per image (2000 on SM 5.3/6.2), sorted
+    without regard to class, with an unspecified order among equal scores.
     """
-    f32, i64 = np.float32, np.int64
     K = int(nms.topk)
     if nms.agnostic or nms.best_class:
-        best, arg = b.op("TopK", [scores, b.const([1], i64)], {"axis": 2, "largest": 1, "sorted": 1},
-                         dtype=[f32, i64], n_out=2)
+        best, arg = b.op("TopK", [scores, b.const([1], I64)], {"axis": 2, "largest": 1, "sorted": 1},
+                         dtype=[F32, I64], n_out=2)  # [B,N,1]
     if nms.agnostic:  # one candidate per box (its best class); multi-label + agnostic reduces to this
-        nms_scores = b.op("Transpose", [best], {"perm": [0, 2, 1]}, dtype=f32)  # [B,1,N]
+        dense_scores = best
     elif nms.best_class:  # per-class NMS where each box only competes with its best class
-        is_best = b.op("Equal", [arg, b.const(np.arange(nc), i64)], dtype=np.bool_)
-        masked = b.op("Where", [is_best, scores, b.const(0.0, f32)], dtype=f32)
-        nms_scores = b.op("Transpose", [masked], {"perm": [0, 2, 1]}, dtype=f32)  # [B,C,N]
+        is_best = b.op("Equal", [arg, b.const(np.arange(nc), I64)], dtype=BOOL)
+        dense_scores = b.op("Where", [is_best, scores, b.const(0.0, F32)], dtype=F32)
     else:
-        nms_scores = b.op("Transpose", [scores], {"perm": [0, 2, 1]}, dtype=f32)  # [B,C,N]
-    sel = b.op("NonMaxSuppression", [boxes, nms_scores, b.const([K], i64), b.const([nms.iou], f32),
-                                     b.const([nms.conf], f32)], dtype=i64)  # [M,3] (image, class, box)
-    sel_b, sel_n = b.column(sel, 0), b.column(sel, 2)
-    sel_s = b.op("GatherND", [nms_scores, sel], dtype=f32)
+        dense_scores = scores
+    nms_scores = b.op("Transpose", [dense_scores], {"perm": [0, 2, 1]}, dtype=F32)  # [B,C',N]
+    sel = b.op("NonMaxSuppression", [boxes, nms_scores, b.const([K], I64), b.const([nms.iou], F32),
+                                     b.const([nms.conf], F32)], dtype=I64)  # [M,3] (image, class, box)
+    bnc = b.op("Gather", [sel, b.const([0, 2, 1], I64)], {"axis": 1}, dtype=I64)  # [M,3] (image, box, class)
+    missing = b.op("Sub", [b.op("Mul", [dense_scores, b.const(0.0, F32)], dtype=F32), b.const(1.0, F32)], dtype=F32)
+    dense = b.op("ScatterND", [missing, bnc, b.op("GatherND", [dense_scores, bnc], dtype=F32)], dtype=F32)
+    width = 1 if nms.agnostic else nc
+    flat = pad_columns(b, b.op("Reshape", [dense, b.const([0, -1], I64)], dtype=F32), K)  # [B,N*C'+K]
+
+    pos, s = top_set(b, flat, K)  # [B,K]
+    ok = b.op("Greater", [s, b.const(-0.5, F32)], dtype=BOOL)
+    pos32 = b.cast(pos, INT32, I32)
+    anchor = pos32 if width == 1 else b.op("Div", [pos32, b.const(np.int32(width), I32)], dtype=I32)
+    anchor = b.op("Where", [ok, anchor, b.const(np.int32(0), I32)], dtype=I32)
+    anchor64 = b.cast(anchor, INT64, I64)
     if nms.agnostic:
-        bn0 = b.op("Gather", [sel, b.const([0, 2, 1], i64)], {"axis": 1}, dtype=i64)
-        sel_c = b.op("GatherND", [arg, bn0], dtype=i64)
+        label = b.squeeze(b.op("GatherElements", [arg, b.unsqueeze(anchor64, 2, dtype=I64)], {"axis": 1}, dtype=I64),
+                          2, dtype=I64)
+        cls_f = b.cast(label, FLOAT, F32)
+    elif width == 1:
+        cls_f = b.op("Mul", [s, b.const(0.0, F32)], dtype=F32)
     else:
-        sel_c = b.column(sel, 1)
-
-    # a sentinel selection (image B, score -1) sorts last, keeps every tensor non-empty, fills padding
-    shape = b.op("Shape", [pred], dtype=i64)
-    n_img = b.op("Gather", [shape, b.const([0], i64)], {"axis": 0}, dtype=i64)  # [1]
-    n_box = b.op("Gather", [shape, b.const(1, i64)], {"axis": 0}, dtype=i64)  # scalar
-    zero = b.const([0], i64)
-    all_b = b.op("Concat", [sel_b, n_img], {"axis": 0}, dtype=i64)
-    all_n = b.op("Concat", [sel_n, zero], {"axis": 0}, dtype=i64)
-    all_c = b.op("Concat", [sel_c, zero], {"axis": 0}, dtype=i64)
-    all_s = b.op("Concat", [sel_s, b.const([-1.0], f32)], {"axis": 0}, dtype=f32)
-    m = b.op("Shape", [all_s], dtype=i64)  # [1] = M + 1
-    topk = {"axis": 0, "largest": 1, "sorted": 1}
-    _, by_score = b.op("TopK", [all_s, m], topk, dtype=[f32, i64], n_out=2)
-    neg_img = b.op("Neg", [b.op("Gather", [all_b, by_score], {"axis": 0}, dtype=i64)], dtype=i64)
-    _, by_img = b.op("TopK", [neg_img, m], topk, dtype=[i64, i64], n_out=2)
-    order = b.op("Gather", [by_score, by_img], {"axis": 0}, dtype=i64)
-    img_sorted = b.op("Gather", [all_b, order], {"axis": 0}, dtype=i64)
-
-    images = b.op("Range", [b.const(0, i64), b.squeeze(n_img, 0, dtype=i64), b.const(1, i64)], dtype=i64)
-    col_images = b.op("Reshape", [images, b.const([-1, 1], i64)], dtype=i64)  # [B,1]
-    row_sorted = b.op("Reshape", [img_sorted, b.const([1, -1], i64)], dtype=i64)  # [1,M+1]
-    hits = b.op("Cast", [b.op("Equal", [col_images, row_sorted], dtype=np.bool_)], {"to": onnx.TensorProto.INT64},
-                dtype=i64)
-    count = b.reduce_sum(hits, 1, keepdims=1, dtype=i64)  # [B,1] selections per image
-    start = b.op("CumSum", [count, b.const(0, i64)], {"exclusive": 1}, dtype=i64)  # [B,1]
-    slots = b.const(np.arange(K), i64)  # [K]
-    valid = b.op("Less", [slots, count], dtype=np.bool_)  # [B,K]
-    last = b.op("Sub", [m, b.const([1], i64)], dtype=i64)  # the sentinel's position
-    pos = b.op("Where", [valid, b.op("Add", [start, slots], dtype=i64), last], dtype=i64)
-    pick = b.op("Gather", [order, pos], {"axis": 0}, dtype=i64)  # [B,K] -> selection index
-
-    det_scores = b.op("Where", [valid, b.op("Gather", [all_s, pick], {"axis": 0}, dtype=f32), b.const(0.0, f32)],
-                      dtype=f32, out_names=[NMS_OUTPUTS[2]])
-    cls = b.op("Where", [valid, b.op("Gather", [all_c, pick], {"axis": 0}, dtype=i64), b.const(0, i64)], dtype=i64)
-    det_classes = b.op("Cast", [cls], {"to": onnx.TensorProto.INT32}, dtype=np.int32, out_names=[NMS_OUTPUTS[3]])
-    flat_idx = b.op("Add", [b.op("Mul", [col_images, n_box], dtype=i64),
-                            b.op("Gather", [all_n, pick], {"axis": 0}, dtype=i64)], dtype=i64)
-    flat_boxes = b.op("Reshape", [boxes, b.const([-1, 4], i64)], dtype=f32)
-    picked = b.op("Gather", [flat_boxes, flat_idx], {"axis": 0}, dtype=f32)  # [B,K,4]
-    valid3 = b.unsqueeze(valid, 2, dtype=np.bool_)
-    det_boxes = b.op("Where", [valid3, picked, b.const(0.0, f32)], dtype=f32, out_names=[NMS_OUTPUTS[1]])
-    num = b.reduce_sum(b.op("Cast", [valid], {"to": onnx.TensorProto.INT32}, dtype=np.int32), 1, keepdims=1,
-                       dtype=np.int32)
-    num_dets = b.op("Identity", [num], dtype=np.int32, out_names=[NMS_OUTPUTS[0]])
-    rows = b.op("Where", [valid, b.op("Gather", [all_n, pick], {"axis": 0}, dtype=i64), b.const(-1, i64)], dtype=i64)
-    det_indices = b.op("Cast", [rows], {"to": onnx.TensorProto.INT32}, dtype=np.int32, out_names=[NMS_INDICES])
-    return [num_dets, det_boxes, det_scores, det_classes, det_indices]
+        label = b.op("Sub", [pos32, b.op("Mul", [anchor, b.const(np.int32(width), I32)], dtype=I32)], dtype=I32)
+        cls_f = b.cast(label, FLOAT, F32)
+    _, rank = precedence(b, s, pos)
+    key = b.op("Sub", [b.const(float(K), F32), rank], dtype=F32)  # distinct: K..1
+    out_key, slot = b.op("TopK", [key, b.const([K], I64)], {"axis": 1, "largest": 1, "sorted": 1},
+                         dtype=[F32, I64], n_out=2)
+    ok_out = b.op("Greater", [b.op("GatherElements", [s, slot], {"axis": 1}, dtype=F32), b.const(-0.5, F32)],
+                  dtype=BOOL)
+    return finish_outputs(b, ok_out, slot, s, cls_f, anchor, gather_rows(b, boxes, anchor64, 4))

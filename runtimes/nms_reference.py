@@ -4,6 +4,8 @@
   scores, class-offset batched NMS, float32 arithmetic), used on raw ``[B,N,5+nc]`` outputs.
 * ``efficient_nms_reference``: what TensorRT's ``EfficientNMS_TRT`` plugin computes, so the efficient
   tail can be checked on a machine without TensorRT (the spirit of Polygraphy's ``pluginref``).
+* ``portable_nms_reference``: what the ``portable`` (and ``onnx``) tail computes: greedy NMS per class by a
+  same-class mask (no coordinate offset), strict thresholds, a candidate cap, and the kept anchor rows.
 
 numpy only on purpose: no torch/onnx import, so every runtime can use it.
 """
@@ -27,16 +29,18 @@ def xywh2xyxy(xywh: np.ndarray) -> np.ndarray:
     return out
 
 
-def yolo_scores(pred: np.ndarray) -> np.ndarray:
-    """Per-class scores [..., nc] from raw predictions [..., 5+nc].
+def yolo_scores(pred: np.ndarray, nc: int | None = None, obj_only_single_class: bool = True) -> np.ndarray:
+    """Per-class scores [..., nc] from raw predictions [..., 5+nc(+extra)] (classes are columns 5:5+nc).
 
-    obj * cls for nc > 1. For nc == 1 the official NMS uses obj alone: a single-class model's class
+    obj * cls for nc > 1. For nc == 1 the official detection NMS uses obj alone: a single-class model's class
     output is never trained (no class loss when nc == 1), so obj * cls would be meaningless (often ~0.5x).
+    The official pose and u7 segmentation NMS multiply always: ``obj_only_single_class=False``.
     """
+    nc = pred.shape[-1] - 5 if nc is None else int(nc)
     obj = pred[..., 4:5]
-    if pred.shape[-1] == 6:
+    if nc == 1 and obj_only_single_class:
         return obj.copy()
-    return pred[..., 5:] * obj
+    return pred[..., 5:5 + nc] * obj
 
 
 def _check_unit(name: str, value: float) -> None:
@@ -84,8 +88,12 @@ def _greedy(boxes: np.ndarray, iou_thres: float, *, classes: np.ndarray | None =
 
 
 def non_max_suppression(pred: np.ndarray, conf: float = 0.25, iou: float = 0.45, multi_label: bool = False,
-                        agnostic: bool = False, max_det: int = 300) -> list[np.ndarray]:
+                        agnostic: bool = False, max_det: int = 300, nc: int | None = None,
+                        obj_only_single_class: bool = True) -> list[np.ndarray]:
     """Official YOLOv7 NMS on raw predictions [B,N,5+nc] (cx,cy,w,h input pixels, obj, class probs).
+
+    ``nc``: number of classes when rows carry extra columns after 5+nc (keypoints, mask coefficients);
+    default: every column after the 5th. ``obj_only_single_class``: see ``yolo_scores``.
 
     Per image: candidates obj > conf; scores as ``yolo_scores``; best class with score > conf (or every
     (box, class) pair with score > conf if ``multi_label`` and nc > 1); at most 30000 highest-scoring
@@ -101,13 +109,13 @@ def non_max_suppression(pred: np.ndarray, conf: float = 0.25, iou: float = 0.45,
     if max_det < 1:
         raise ValueError(f"max_det must be >= 1, got {max_det}")
     pred = pred.astype(np.float32, copy=False)
-    nc = pred.shape[-1] - 5
+    nc = _num_classes(pred, nc)
     multi_label = multi_label and nc > 1
     thr = np.float32(conf)
     out = []
     for x in pred:
         x = x[x[:, 4] > thr]
-        scores = yolo_scores(x)
+        scores = yolo_scores(x, nc, obj_only_single_class)
         box = xywh2xyxy(x[:, :4])
         if multi_label:
             i, j = np.nonzero(scores > thr)
@@ -124,6 +132,66 @@ def non_max_suppression(pred: np.ndarray, conf: float = 0.25, iou: float = 0.45,
         keep = _greedy(det_box + offset, iou, max_keep=max_det)
         out.append(np.concatenate([det_box[keep], det_score[keep, None], det_cls[keep, None]], 1).astype(np.float32))
     return out
+
+
+def _num_classes(pred: np.ndarray, nc: int | None) -> int:
+    if nc is None:
+        return pred.shape[-1] - 5
+    if int(nc) != nc or not 1 <= nc <= pred.shape[-1] - 5:
+        raise ValueError(f"nc={nc} does not fit rows of {pred.shape[-1]} values (5 + nc + extra)")
+    return int(nc)
+
+
+def portable_nms_reference(pred: np.ndarray, conf: float = 0.25, iou: float = 0.45, max_det: int = 100, *,
+                           multi_label: bool = True, agnostic: bool = False, max_candidates: int = 1024,
+                           nc: int | None = None, obj_only_single_class: bool = True):
+    """What the ``portable`` NMS tail computes, on raw predictions [B,N,5+nc(+extra)].
+
+    Candidates: (anchor, class) pairs with score > conf (multi-label), or each anchor's best class (lowest
+    id among equal maxima) with score > conf; multi-label + agnostic reduces to best class when iou < 1
+    (two labels of one box have IoU 1: the second is always suppressed). Order: score desc, then candidate
+    index (anchor * nc + class, or anchor) asc; the first ``max_candidates`` enter NMS. Greedy NMS on the
+    true coordinates, same class only unless ``agnostic``, suppressing IoU > iou. With a large enough
+    ``max_candidates`` this is also what the ``onnx`` tail gives (ONNX Runtime; no score ties).
+
+    Returns num_dets int32 [B,1], det_boxes float32 [B,K,4], det_scores float32 [B,K], det_classes int32
+    [B,K], det_indices int32 [B,K] (anchor rows, -1 past num_dets), K = max_det.
+    """
+    pred = np.asarray(pred, np.float32)
+    if pred.ndim != 3 or pred.shape[-1] < 6:
+        raise ValueError(f"expected raw predictions [B,N,5+nc], got shape {pred.shape}")
+    _check_unit("conf", conf)
+    _check_unit("iou", iou)
+    if max_det < 1 or max_candidates < 1:
+        raise ValueError(f"max_det and max_candidates must be >= 1, got {max_det}, {max_candidates}")
+    nc = _num_classes(pred, nc)
+    per_anchor = not multi_label or (agnostic and iou < 1) or nc == 1
+    B, K = len(pred), int(max_det)
+    num = np.zeros((B, 1), np.int32)
+    boxes = np.zeros((B, K, 4), np.float32)
+    scores = np.zeros((B, K), np.float32)
+    classes = np.zeros((B, K), np.int32)
+    indices = np.full((B, K), -1, np.int32)
+    thr = np.float32(conf)
+    for b, x in enumerate(pred):
+        s = yolo_scores(x, nc, obj_only_single_class)
+        if per_anchor:
+            cls = s.argmax(1)
+            value = s[np.arange(len(s)), cls]
+            cand = np.flatnonzero(value > thr)
+            anchor, label, v = cand, cls[cand], value[cand]
+        else:
+            flat = s.reshape(-1)
+            cand = np.flatnonzero(flat > thr)
+            anchor, label, v = cand // nc, cand % nc, flat[cand]
+        order = np.argsort(-v, kind="stable")[:max_candidates]
+        anchor, label, v = anchor[order], label[order], v[order]
+        box = xywh2xyxy(x[anchor, :4])
+        keep = _greedy(box, iou, classes=None if agnostic else label, max_keep=K)
+        n = len(keep)
+        num[b, 0] = n
+        boxes[b, :n], scores[b, :n], classes[b, :n], indices[b, :n] = box[keep], v[keep], label[keep], anchor[keep]
+    return num, boxes, scores, classes, indices
 
 
 def efficient_nms_reference(boxes: np.ndarray, scores: np.ndarray, score_threshold: float, iou_threshold: float,
