@@ -1,49 +1,17 @@
-"""Atomic artifact writes and the run manifest (what was made, from what, with which versions)."""
+"""The run manifest (what was made, from what, with which versions); the atomic writes and sha256 it uses
+live in the bottom layer (runtimes/files.py) and are re-exported here."""
 from __future__ import annotations
 
-import json
-import os
 import platform
 import sys
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+
+
+from runtimes.files import atomic_path, sha256_file, write_bytes_atomic, write_json_atomic  # noqa: F401 - re-exported
 
 from . import __version__
-from .checkpoint import sha256_file
-
-
-@contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``final``; rename it into place only if the block succeeds.
-
-    A failure (or Ctrl-C) never leaves a partial file at ``final``.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; artifacts are ordinary files
-        os.replace(tmp_path, final)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def write_bytes_atomic(final: Path, data: bytes) -> None:
-    with atomic_path(final) as tmp:
-        tmp.write_bytes(data)
-
-
-def write_json_atomic(final: Path, obj) -> None:
-    write_bytes_atomic(final, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+from .errors import UserError
 
 
 def versions() -> dict[str, str]:
@@ -79,3 +47,52 @@ class Manifest:
         write_json_atomic(final, {"tool": "yolo7-export", "input": {"path": self.input_path, "sha256": self.input_sha256},
                                   "flags": self.flags, "versions": versions(), "outputs": self.outputs, **self.extra})
         return final
+
+
+SETTINGS_KEYS = ("imgsz", "batch", "dynamic_hw", "nms", "nms_params", "precision", "task")
+
+
+def refuse_replacing(path: Path, settings: dict, overwrite: bool = False) -> None:
+    """Stop (exit 2) before replacing ``path`` with an artifact made with other settings.
+
+    Decision: names stay ``<stem>[.fp16|.int8].onnx`` (what docs, Triton model names, workflows and the
+    engine sidecar use), and one output folder holds one export configuration: re-exporting into the same
+    folder with the same settings replaces the file (a retrained checkpoint, a new version), while other
+    settings (input size, batch, NMS tail and its thresholds) would silently swap the model under every
+    command that uses the path, so they are refused unless ``--overwrite``. The settings are read from the
+    existing ONNX's own metadata (complete, unlike a manifest that a later run may have rewritten).
+    """
+    if overwrite or not Path(path).is_file():
+        return
+    import json
+
+    import onnx
+
+    from runtimes.metadata import read_info
+
+    try:
+        old = read_info(onnx.load(str(path), load_external_data=False)).__dict__
+    except Exception:  # noqa: BLE001 - not ours / unreadable: nothing to compare, the user named this folder
+        return
+
+    def norm(v):
+        return json.loads(json.dumps(v, sort_keys=True, default=list))
+
+    diff = [k for k in SETTINGS_KEYS if k in settings and norm(old.get(k)) != norm(settings[k])]
+    if diff:
+        detail = ", ".join(f"{k} {norm(old.get(k))} -> {norm(settings[k])}" for k in diff)
+        raise UserError(f"{path} was exported with other settings ({detail}); use another -o folder, or pass "
+                        f"--overwrite to replace it")
+
+
+def invalidate_manifest(out_dir: Path) -> None:
+    """Remove the folder's manifest.json before the first output is renamed into place.
+
+    The manifest is written last; a run killed between its outputs' renames and the manifest's would
+    otherwise leave the previous run's manifest describing files that are no longer there. No manifest
+    is honest (the run did not finish); a wrong one is not.
+    """
+    try:
+        (Path(out_dir) / "manifest.json").unlink()
+    except FileNotFoundError:
+        pass

@@ -20,7 +20,6 @@ Detect module's stride and anchors (autoanchor may have changed them, so the yam
 from __future__ import annotations
 
 import collections
-import hashlib
 import stat
 import warnings
 from dataclasses import dataclass, field
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+from runtimes.files import sha256_file
 
 from .checkpoint_zip import open_torch_zip
 from .errors import UserError
@@ -82,13 +83,6 @@ class Checkpoint:
     def max_stride(self) -> int:
         return int(max(self.stride))
 
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _unpickle(path: Path) -> Any:

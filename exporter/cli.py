@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import logging
-import re
-import sys
 from pathlib import Path
 
 import click
+
+from runtimes.cli_common import invoke, join_img_args, parse_imgsz, run_cli  # noqa: F401 - shared by the CLIs
+from runtimes.cli_common import positive as _positive, unit_interval as _unit_interval
 
 from .errors import UserError
 from .options import CalibOptions, CheckOptions, ExportOptions, NmsOptions, TrtOptions
@@ -22,61 +23,27 @@ Outputs go to --out (default ./out): <name>[.fp16|.int8].onnx, .engine + .engine
 """
 
 
-def run_cli(fn, debug: bool) -> None:
-    """Run a command body: user errors become one line and exit 2; bugs one line and exit 1."""
-    try:
-        fn()
-    except UserError as exc:
-        if debug:
-            raise
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - the CLI boundary
-        if debug:
-            raise
-        msg = str(exc).splitlines()[0] if str(exc) else ""
-        click.echo(f"internal error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)", err=True)
-        sys.exit(1)
+# option -> what it needs; given without it, it would be silently ignored, so it is refused (exit 2)
+NEEDS = {"calib": "--int8", "calib_images": "--int8", "calib_method": "--int8", "calib_cache": "--int8",
+         "int8_max_drop": "--int8", "max_batch": "--trt", "workspace": "--trt", "opt_level": "--trt",
+         "timing_cache": "--trt", "version_compatible": "--trt", "hardware_compat": "--trt", "trt_lib": "--trt",
+         "max_map_drop": "--check", "max_latency_ms": "--check", "min_parity_cos": "--check",
+         "data": "--check or --int8-max-drop", "conf": "an NMS tail (--nms onnx/efficient/portable, or --trt)",
+         "iou": "an NMS tail (--nms onnx/efficient/portable, or --trt)",
+         "topk": "an NMS tail (--nms onnx/efficient/portable, or --trt)",
+         "agnostic": "an NMS tail (--nms onnx/efficient/portable, or --trt)"}
 
 
-def parse_imgsz(value: str | None, hint: str = "--img") -> tuple[int, int] | None:
-    """'640' -> (640, 640); '384,640' / '384x640' -> (384, 640) as (H, W)."""
-    if value is None:
-        return None
-    parts = [p for p in re.split(r"[,x ]+", value.strip()) if p]
-    if not 1 <= len(parts) <= 2 or not all(p.isdigit() for p in parts):
-        raise click.BadParameter(f"expected H or H W (e.g. 640 or 384 640), got {value!r}", param_hint=hint)
-    h = int(parts[0])
-    return h, int(parts[-1])
-
-
-def join_img_args(argv: list[str]) -> list[str]:
-    """Let `--img H W` work (click options take a fixed number of values): join two numbers after --img."""
-    out, i = [], 0
-    while i < len(argv):
-        pair = argv[i + 1:i + 3]
-        if argv[i] in ("--img", "--imgsz", "--min-img", "--max-img") and len(pair) == 2 and all(p.isdigit() for p in pair):
-            out += [argv[i], ",".join(pair)]
-            i += 3
-        else:
-            out.append(argv[i])
-            i += 1
-    return out
-
-
-def _unit_interval(ctx, param, value):
-    if value is not None and not 0.0 <= value <= 1.0:
-        raise click.BadParameter(f"must be within [0, 1], got {value}")
-    return value
-
-
-def _positive(ctx, param, value):
-    if value is not None and value < 1:
-        raise click.BadParameter(f"must be >= 1, got {value}")
-    return value
+def refuse_ignored_options(present: dict[str, bool]) -> None:
+    """One line and exit 2 for an option typed on the command line that this run would ignore."""
+    ctx = click.get_current_context()
+    for param in ctx.command.params:
+        need = NEEDS.get(param.name or "")
+        if need is None or present.get(need, True):
+            continue
+        if ctx.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE:
+            flag = max((o for o in param.opts if o.startswith("--")), key=len)
+            raise UserError(f"{flag} has no effect without {need}")
 
 
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -172,6 +139,15 @@ def export_command(checkpoint, out_dir, img, batch, dynamic_batch, opset, simpli
             raise UserError("--min-img/--max-img need --dynamic")
         if trt_arch is not None and not trt:
             raise UserError("--trt-arch needs --trt")
+        refuse_ignored_options({"--int8": int8, "--trt": trt, "--check": do_check,
+                                "--check or --int8-max-drop": do_check or int8_max_drop is not None,
+                                "an NMS tail (--nms onnx/efficient/portable, or --trt)": nms not in ("none", "auto") or trt})
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UserError(f"-o {out_dir} is an existing file; -o names the output folder")
+        if nms == "efficient" and not trt:
+            logging.getLogger("yolo7_export").warning(
+                "note: --nms efficient without --trt writes a graph that only TensorRT can run (EfficientNMS_TRT "
+                "plugin); use --nms onnx for ONNX Runtime and other runtimes")
         arch = parse_arch(trt_arch)
         opts = ExportOptions(
             checkpoint=checkpoint, out_dir=out_dir, imgsz=imgsz, batch=batch, dynamic_batch=dynamic_batch,
@@ -195,11 +171,6 @@ def export_command(checkpoint, out_dir, img, batch, dynamic_batch, opset, simpli
                    + f" (manifest: {result.manifest_path})")
 
     run_cli(body, debug)
-
-
-def invoke(command: click.Command, prog_name: str, argv: list[str] | None) -> None:
-    """The body of every console script: `--img H W` support, then click (shared by all three commands)."""
-    command.main(args=join_img_args(list(sys.argv[1:] if argv is None else argv)), prog_name=prog_name)
 
 
 def main(argv: list[str] | None = None) -> None:

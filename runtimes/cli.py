@@ -18,11 +18,12 @@ import click
 import cv2
 import numpy as np
 
-from exporter.cli import _positive, _unit_interval, invoke, parse_imgsz, run_cli
-from exporter.errors import UserError
-
 from .base import DetectConfig, Detections, Detector
+from .cli_common import invoke, parse_imgsz, run_cli
+from .cli_common import positive as _positive, unit_interval as _unit_interval
 from .draw import draw_detections
+from .errors import UserError
+from .files import PARTIAL, clean_stale_partials, partial_prefix
 from .preprocess import IMAGE_SUFFIXES, ImageReadError, list_images, read_image
 
 log = logging.getLogger("yolo7_export")
@@ -35,7 +36,8 @@ Examples:
   yolo7-detect out/best.engine images/ --device cuda --batch 8
 Writes <out>/<image name> with boxes drawn (.jpg/.png kept, other formats saved as .jpg) and
 <out>/detections.json: per image its file, width, height and detections [{box [x1,y1,x2,y2] in the
-image's own pixels, score, class_id, class_name}].
+image's own pixels, score, class_id, class_name}; pose models add keypoints [[x, y, visibility], ...]
+(image pixels; the skeleton is drawn)].
 """
 
 _KEEP_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -85,7 +87,8 @@ def _staging(out_dir: Path) -> Iterator[Path]:
     through: a run that fails half-way (e.g. an image that does not decode) leaves no partial output."""
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".detect-", suffix=".partial", dir=out_dir))
+    clean_stale_partials(out_dir)  # a killed run's staging folder
+    stage = Path(tempfile.mkdtemp(prefix=partial_prefix("detect"), suffix=PARTIAL, dir=out_dir))
     try:
         yield stage
         for f in sorted(stage.iterdir()):
@@ -103,7 +106,9 @@ def refilter(dets: Detections, conf: float | None, max_det: int | None) -> Detec
         keep = keep[dets.scores[keep] >= conf]
     if max_det is not None:
         keep = keep[:max_det]
-    return Detections(dets.boxes[keep], dets.scores[keep], dets.classes[keep])
+    return Detections(dets.boxes[keep], dets.scores[keep], dets.classes[keep],
+                      None if dets.masks is None else dets.masks[keep],
+                      None if dets.keypoints is None else dets.keypoints[keep])
 
 
 def _encode(image: np.ndarray, suffix: str) -> bytes:
@@ -134,7 +139,7 @@ def detect_images(artifact: Path, source: Path, out_dir: Path, conf: float | Non
     """The command's work; returns the detections.json content (also written to out_dir)."""
     from tqdm import tqdm
 
-    from exporter.artifacts import write_json_atomic
+    from .files import write_json_atomic
 
     paths = collect_images(source)
     targets = output_names(paths, out_dir) if save_images else [None] * len(paths)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..cli import invoke, parse_imgsz, run_cli
+from runtimes.cli_common import invoke, parse_imgsz, run_cli
+
 from ..errors import UserError
 
 EPILOG = """\b
@@ -19,13 +20,29 @@ Writes report.json, report.md and fps_vs_map.png. Exit codes: 0 ok, 2 bad input,
 
 
 def parse_batches(value: str) -> tuple[int, ...]:
+    """'1,8,32' -> (1, 8, 32); a UserError (exit 2) otherwise. Called inside run_cli, where click's own
+    BadParameter would not be a usage error any more but an 'internal error'."""
     try:
         out = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers such as 1,8,32, got {value!r}") from None
+        raise UserError(f"--batches: expected comma-separated integers such as 1,8,32, got {value!r}") from None
     if not out or any(b < 1 for b in out):
-        raise click.BadParameter(f"batch sizes must be >= 1, got {value!r}")
+        raise UserError(f"--batches: batch sizes must be >= 1, got {value!r}")
     return out
+
+
+def summary(report: dict, out_dir: Path) -> str:
+    """The closing line: what was checked, what was skipped, and which gates held (never 'all gates
+    passed' over an artifact that was not measured; such a run fails its gates in the harness)."""
+    rows = [a for a in report["artifacts"] if not a.get("reference")]
+    checked = [a["name"] for a in rows if not a.get("skipped")]
+    skipped = [f"{a['name']} ({a['skipped']})" for a in rows if a.get("skipped")]
+    gates = sorted({g["gate"] for g in report.get("gates", [])})
+    text = f"done: checked {len(checked)} artifact(s) against PyTorch"
+    text += f" ({', '.join(checked)})" if checked else ""
+    text += f"; skipped {len(skipped)}: {'; '.join(skipped)}" if skipped else ""
+    text += f"; gates passed: {', '.join(gates)}" if gates else "; no gates set"
+    return text + f" (report: {Path(out_dir) / 'report.md'})"
 
 
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -69,8 +86,7 @@ def bench_command(checkpoint, artifacts, data, out_dir, img, batches, runs, warm
                           device=device, max_images=max_images, parity_images=parity_images, threads=threads,
                           gates=Gates(max_map_drop, max_latency_ms, min_parity_cos), progress=not no_progress)
         report = run_bench(cfg)
-        click.echo(f"done: {len(report['artifacts'])} artifact(s) checked, all gates passed "
-                   f"(report: {Path(out_dir) / 'report.md'})")
+        click.echo(summary(report, out_dir))
 
     run_cli(body, debug)
 
