@@ -44,3 +44,12 @@ def trained_fp32_onnx(trained_ckpt):
     ckpt, model = load_fused(trained_ckpt)
     info = ModelInfo(names=ckpt.names, stride=ckpt.stride, imgsz=imgsz)
     return export_onnx(model, info, ExportConfig(imgsz=imgsz)), info
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say how many real engines TensorRT-RTX built in this run (tests/rtx_util.py counts them)."""
+    import sys
+
+    rtx_util = sys.modules.get("rtx_util")
+    if rtx_util is not None and rtx_util.BUILT:
+        terminalreporter.write_line(f"TensorRT-RTX engines built in this run: {len(rtx_util.BUILT)}")
