@@ -57,7 +57,7 @@ def crop_masks(protos: np.ndarray, coefs: np.ndarray, boxes: np.ndarray, imgsz: 
     nm, hp, wp = protos.shape
     h, w = imgsz
     logits = coefs.astype(np.float32) @ protos.reshape(nm, -1).astype(np.float32)
-    soft = (1.0 / (1.0 + np.exp(-logits))).reshape(-1, hp, wp)
+    soft = (1.0 / (1.0 + np.exp(-np.clip(logits, -60.0, 60.0)))).reshape(-1, hp, wp)  # no exp overflow
     b = boxes.astype(np.float32) * np.array([wp / w, hp / h, wp / w, hp / h], np.float32)
     cols, rows = np.arange(wp, dtype=np.float32), np.arange(hp, dtype=np.float32)
     in_x = (cols[None, None, :] >= b[:, 0, None, None]) & (cols[None, None, :] < b[:, 2, None, None])

@@ -101,7 +101,7 @@ def make_polygon_dataset(root: Path, n_images: int = 6, size: tuple[int, int] = 
         name = f"{i + 1:06d}.png"
         cv2.imwrite(str(img_dir / name), image)
         (lbl_dir / f"{i + 1:06d}.txt").write_text("\n".join(lines) + "\n")
-        images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
+        images.append({"id": i + 1, "file_name": f"val/{name}", "width": w, "height": h})  # under images/
     cats = [{"id": k + 1, "name": n} for k, n in enumerate(names)]
     out = {"images": img_dir, "labels": lbl_dir, "names": list(names)}
     for key, anns in (("coco_poly", ann_poly), ("coco_rle", ann_rle)):
