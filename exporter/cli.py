@@ -86,7 +86,8 @@ def refuse_ignored_options(present: dict[str, bool]) -> None:
 @click.option("--calib-cache", type=click.Path(path_type=Path), default=None,
               help="Calibration result file: reused when it matches the model and images, written otherwise.")
 @click.option("--int8-max-drop", type=float, default=None, metavar="AP",
-              help="Max mAP50-95 drop (AP points) vs FP32; sensitive layers go back to FP16/FP32 until it holds.")
+              help="Max mAP50-95 drop (AP points) vs FP32, measured on --data (which must share no image with "
+                   "--calib); sensitive layers go back to FP16 until it holds.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Labelled set (COCO json or images+YOLO labels) for --int8-max-drop and --check.")
 @click.option("--trt", is_flag=True, help="Also build a TensorRT engine: TensorRT 10/11 on a GPU host, or TensorRT-RTX "
@@ -108,13 +109,15 @@ def refuse_ignored_options(present: dict[str, bool]) -> None:
 @click.option("--max-latency-ms", type=float, default=None, help="(--check) gate: max median latency.")
 @click.option("--min-parity-cos", type=float, default=None, help="(--check) gate: min raw-output cosine similarity.")
 @click.option("--triton", type=click.Path(path_type=Path), default=None, help="Also write a Triton model repository here.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing artifact of the same name that was exported with other settings.")
 @click.option("-v", "--verbose", is_flag=True, help="More log lines.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def export_command(checkpoint, out_dir, img, batch, dynamic_batch, opset, simplify, nms, conf, iou, topk, agnostic,
                    best_class, fp16, int8, calib, calib_images, calib_method, calib_cache, int8_max_drop, data, trt,
                    max_batch, workspace, opt_level, timing_cache, version_compatible, hardware_compat, do_check, max_map_drop,
                    max_latency_ms, min_parity_cos, triton, verbose, debug, dynamic=False, min_img=None, max_img=None,
-                   trt_lib="auto", trt_arch=None, nms_candidates=1024):
+                   trt_lib="auto", trt_arch=None, nms_candidates=1024, overwrite=False):
     """Export an official YOLOv7 checkpoint (tiny, v7, X, W6, E6, D6, E6E; training or deploy form) to a
     fused, simplified ONNX, optionally FP16/INT8 and with NMS inside, optionally a TensorRT engine.
 
@@ -162,7 +165,7 @@ def export_command(checkpoint, out_dir, img, batch, dynamic_batch, opset, simpli
                            hardware_compat=None if hardware_compat == "none" else hardware_compat),
             check=CheckOptions(enabled=do_check, data=data, max_map_drop=max_map_drop, max_latency_ms=max_latency_ms,
                                min_parity_cos=min_parity_cos),
-            triton=triton,
+            triton=triton, overwrite=overwrite,
         )
         from .pipeline import run
 

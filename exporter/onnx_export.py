@@ -21,11 +21,9 @@ import torch
 from runtimes.contract import INPUT_NAME, PROTO_OUTPUT, RAW_OUTPUT, ModelInfo
 from runtimes.metadata import copy_metadata, read_info, write_metadata  # noqa: F401 - read_info/copy_metadata re-exported
 
-
 from .errors import UserError
 from .loading import check_image_size  # noqa: F401 - re-exported (the model layer owns it)
 from .model import YoloModel
-
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 11  # Resize semantics and NonMaxSuppression both need >= 11
@@ -84,7 +82,23 @@ def export_onnx(model: YoloModel, info: ModelInfo, cfg: ExportConfig) -> onnx.Mo
     proto = onnx.load_from_string(buf.getvalue())
     if cfg.simplify:
         proto = simplify(proto)
+    if cfg.dynamic_batch and not cfg.dynamic_size:
+        pin_output_dims(proto, model, dummy)
     return finalize(proto, info)
+
+
+def pin_output_dims(proto: onnx.ModelProto, model: YoloModel, dummy: torch.Tensor) -> None:
+    """--dynamic-batch: the tracer names every output dim after the head's ``reshape(bs, -1, no)`` symbolic
+    ('Concatoutput_dim_1'), although only the batch varies. One forward pass at the export batch gives the
+    real sizes, written into the graph outputs, so runtimes, Triton configs and TensorRT see [batch, N, 5+nc].
+    """
+    with torch.no_grad():
+        outs = model.eval()(dummy)
+    outs = [outs] if isinstance(outs, torch.Tensor) else [o for o in outs if isinstance(o, torch.Tensor)]
+    for value, out in zip(proto.graph.output, outs):
+        for dim, size in zip(list(value.type.tensor_type.shape.dim)[1:], out.shape[1:]):
+            dim.Clear()
+            dim.dim_value = int(size)
 
 
 def simplify(proto: onnx.ModelProto) -> onnx.ModelProto:

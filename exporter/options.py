@@ -80,3 +80,4 @@ class ExportOptions:
     trt: TrtOptions = field(default_factory=TrtOptions)
     check: CheckOptions = field(default_factory=CheckOptions)
     triton: Path | None = None
+    overwrite: bool = False  # --overwrite: replace an artifact made with other settings (artifacts.refuse_replacing)

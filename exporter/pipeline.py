@@ -15,11 +15,10 @@ import onnx
 from runtimes.contract import ModelInfo
 
 from . import __version__
-from .artifacts import Manifest, write_bytes_atomic
+from .artifacts import Manifest, invalidate_manifest, refuse_replacing, write_bytes_atomic
 from .errors import UserError
 from .loading import check_image_size, default_imgsz, load_fused  # noqa: F401 - load_fused re-exported
 from .onnx_export import ExportConfig, export_onnx, finalize
-
 from .options import ExportOptions
 
 log = logging.getLogger("yolo7_export")
@@ -74,15 +73,21 @@ def run(opts: ExportOptions) -> PipelineResult:
         from .precision.calib_data import check_source
 
         check_source(opts.calib.source, opts.calib.num_images)
+        if opts.calib.max_drop is not None and opts.calib.eval_data is None:
+            raise UserError("--int8-max-drop measures mAP on --data, a labelled set that shares no image with --calib")
     ckpt, model = load_fused(opts.checkpoint)
     if ckpt.task == "segment":  # masks need det_indices: no EfficientNMS_TRT; u7 seg NMS scores obj*cls always
         from .nms_masks import seg_nms_options
 
         opts.nms = seg_nms_options(opts.nms, requested_nms)
+    if ckpt.task == "pose":  # keypoints need det_indices: no EfficientNMS_TRT; the kpt NMS scores obj*cls always
+        from .nms_keypoints import pose_nms_options
+
+        opts.nms = pose_nms_options(opts.nms, requested_nms)
     imgsz = check_image_size(opts.imgsz or default_imgsz(ckpt), ckpt.max_stride)
     info = ModelInfo(names=ckpt.names, stride=ckpt.stride, imgsz=imgsz, nms="none", precision="fp32",
                      batch=None if opts.dynamic_batch else opts.batch, source_sha256=ckpt.sha256,
-                     tool_version=__version__, task=ckpt.task, nm=ckpt.nm)
+                     tool_version=__version__, task=ckpt.task, nm=ckpt.nm, nkpt=ckpt.nkpt)
     sizes = None
     if opts.dynamic:  # batch, H and W chosen at run time; the range feeds the engine profile and the runtimes
         from .onnx_export import resolve_dynamic_sizes
@@ -91,6 +96,10 @@ def run(opts: ExportOptions) -> PipelineResult:
         info.batch, info.dynamic_hw, info.min_imgsz = None, True, sizes[0]
     cfg = ExportConfig(imgsz=imgsz, batch=opts.batch, dynamic_batch=opts.dynamic_batch or opts.dynamic,
                        dynamic_size=opts.dynamic, opset=opts.opset, simplify=opts.simplify)
+    refuse_replacing(Path(opts.out_dir) / f"{artifact_stem(opts)}.onnx", {  # before minutes of export
+        "imgsz": imgsz, "batch": info.batch, "dynamic_hw": info.dynamic_hw, "nms": opts.nms.mode,
+        "nms_params": asdict(opts.nms) if opts.nms.mode != "none" else {}, "precision": opts.precision,
+        "task": info.task}, getattr(opts, "overwrite", False))
     log.info("exporting %s (%d classes, strides %s) at %dx%d", opts.checkpoint.name, ckpt.nc,
              [int(s) for s in ckpt.stride], *imgsz)
     proto = export_onnx(model, info, cfg)
@@ -106,6 +115,11 @@ def run(opts: ExportOptions) -> PipelineResult:
 
             proto = append_nms(proto, opts.nms, len(info.names), keep_raw=True)
             proto = append_masks(proto, info.nc, info.nm, imgsz)
+        elif info.task == "pose":
+            from .nms_keypoints import append_keypoints
+
+            proto = append_nms(proto, opts.nms, len(info.names), keep_raw=True)
+            proto = append_keypoints(proto, info.nc, info.nkpt)
         else:
             proto = append_nms(proto, opts.nms, len(info.names))
         info.nms, info.nms_params = opts.nms.mode, asdict(opts.nms)
@@ -113,6 +127,7 @@ def run(opts: ExportOptions) -> PipelineResult:
 
     out_dir = Path(opts.out_dir)
     onnx_path = out_dir / f"{artifact_stem(opts)}.onnx"
+    invalidate_manifest(out_dir)  # a kill from here until manifest.write leaves no manifest, never a stale one
     write_bytes_atomic(onnx_path, proto.SerializeToString())
     manifest.add_output(onnx_path, "onnx", precision=info.precision, nms=info.nms, nodes=len(proto.graph.node))
     log.info("wrote %s (%d nodes, %.1f MB)", onnx_path, len(proto.graph.node), onnx_path.stat().st_size / 1e6)
@@ -134,12 +149,17 @@ def run(opts: ExportOptions) -> PipelineResult:
 
         repo = write_triton_repository(opts.triton, result.engine_path or onnx_path, info)
         manifest.extra["triton_repository"] = str(repo)
+        for path in sorted(f for f in repo.rglob("*") if f.is_file()):
+            manifest.add_output(path, "triton", name=_relative(path, out_dir))
+        log.info("wrote Triton model %s (%s)", repo, ", ".join(str(f.relative_to(repo)) for f in
+                                                             sorted(repo.rglob("*")) if f.is_file()))
     manifest.extra["reports"] = reports
     try:
         if opts.check.enabled:
             _check(opts, result, manifest, reports)
     finally:  # the manifest is written even when a CI gate fails
         manifest.extra["seconds"] = round(time.perf_counter() - t0, 2)
+        manifest.extra["model"] = asdict(info)  # effective settings (imgsz when --img was omitted, NMS, batch)
         result.manifest_path = manifest.write(out_dir)
     return result
 
@@ -175,6 +195,14 @@ def _apply_precision(proto: onnx.ModelProto, info: ModelInfo, opts: ExportOption
         raise UserError(f"unknown precision {opts.precision!r}")
     info.precision = opts.precision
     return proto
+
+
+def _relative(path: Path, base: Path) -> str:
+    """A manifest path: relative to the manifest's folder when inside it, else absolute."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(base).resolve()))
+    except ValueError:
+        return str(Path(path).resolve())
 
 
 def _flags(opts: ExportOptions) -> dict:

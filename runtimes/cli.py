@@ -43,6 +43,21 @@ image's own pixels, score, class_id, class_name}; pose models add keypoints [[x,
 _KEEP_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
+def collect_sources(sources) -> list[Path]:
+    """The images of every SOURCE in order (a shell glob gives many), each path once."""
+    sources = [Path(sources)] if isinstance(sources, (str, Path)) else [Path(s) for s in sources]
+    if not sources:
+        raise UserError("no SOURCE given: pass an image, a folder, or a .txt list of image paths")
+    seen, paths = set(), []
+    for source in sources:
+        for p in collect_images(source):
+            key = p.resolve()
+            if key not in seen:
+                seen.add(key)
+                paths.append(p)
+    return paths
+
+
 def collect_images(source: Path) -> list[Path]:
     """The images of SOURCE, checked up front so a bad list fails before any work is done."""
     if not source.exists():
@@ -133,7 +148,7 @@ def _in_graph_nms_notes(detector: Detector, conf, iou, agnostic, multi_label) ->
                     ", ".join(f"{k}={v}" for k, v in sorted(params.items())) or "settings fixed at export")
 
 
-def detect_images(artifact: Path, source: Path, out_dir: Path, conf: float | None, iou: float | None,
+def detect_images(artifact: Path, source: Path | list[Path], out_dir: Path, conf: float | None, iou: float | None,
                   max_det: int | None, agnostic: bool, multi_label: bool, imgsz: tuple[int, int] | None,
                   device: str, batch: int | None, save_images: bool) -> dict:
     """The command's work; returns the detections.json content (also written to out_dir)."""
@@ -141,7 +156,9 @@ def detect_images(artifact: Path, source: Path, out_dir: Path, conf: float | Non
 
     from .files import write_json_atomic
 
-    paths = collect_images(source)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"-o {out_dir} is an existing file; -o names the output folder")
+    paths = collect_sources(source)
     targets = output_names(paths, out_dir) if save_images else [None] * len(paths)
     kwargs = {}
     if imgsz is not None:
@@ -189,6 +206,7 @@ def detect_images(artifact: Path, source: Path, out_dir: Path, conf: float | Non
               "settings": info.nms_params if in_graph else {"conf": config.conf, "iou": config.iou,
                                                             "max_det": config.max_det, "agnostic": agnostic,
                                                             "multi_label": multi_label},
+              **({"filter": {"conf": conf, "max_det": max_det}} if in_graph else {}),  # applied on top of the graph's
               "images": records}
     write_json_atomic(out_dir / "detections.json", result)
     log.info("%d detections in %d image(s), %.1f ms/image (pre+infer+post)", total, len(paths),
@@ -198,7 +216,7 @@ def detect_images(artifact: Path, source: Path, out_dir: Path, conf: float | Non
 
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("source", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("out/detect"),
               show_default=True, help="Output folder for annotated images and detections.json.")
 @click.option("--conf", type=float, default=None, callback=_unit_interval,
@@ -220,8 +238,10 @@ def detect_images(artifact: Path, source: Path, out_dir: Path, conf: float | Non
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def detect_command(artifact, source, out_dir, conf, iou, max_det, agnostic, multi_label, img, device, batch,
                    save_images, verbose, debug):
-    """Run ARTIFACT (a .pt checkpoint, our .onnx, or a TensorRT engine) on SOURCE (an image, a folder of
-    images, or a .txt list of image paths) and write annotated images and detections.json.
+    """Run ARTIFACT (a .pt checkpoint, our .onnx, or a TensorRT engine) on SOURCE... (images, folders of
+    images, or .txt lists of image paths; several may be given, e.g. images/*.jpg) and write annotated
+    images and detections.json. A .txt list holds one path per line (UTF-8); relative paths are relative to
+    the list file's own folder, not to the current directory.
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .errors import UserError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 PAD_VALUE = 114
 
@@ -33,7 +35,8 @@ def letterbox(image: np.ndarray, size: tuple[int, int], color: int = PAD_VALUE) 
     h0, w0 = image.shape[:2]
     H, W = size
     r = min(H / h0, W / w0)
-    new_w, new_h = int(round(w0 * r)), int(round(h0 * r))
+    # At least one pixel per side: a 1x10000 strip scales to 0.03 px high, which cv2.resize refuses.
+    new_w, new_h = max(1, int(round(w0 * r))), max(1, int(round(h0 * r)))
     if (new_w, new_h) != (w0, h0):
         interp = cv2.INTER_AREA if r < 1 else cv2.INTER_LINEAR
         image = cv2.resize(image, (new_w, new_h), interpolation=interp)
@@ -74,8 +77,35 @@ def scale_boxes(boxes: np.ndarray, lb: Letterbox) -> np.ndarray:
     return out
 
 
-class ImageReadError(ValueError):
-    pass
+class ImageReadError(UserError, ValueError):
+    """An image that cannot be read: bad input, so one line and exit 2 wherever it surfaces."""
+
+
+_TAIL = 4096  # bytes read from the end of a file to find its end marker (trailing junk after it is allowed)
+
+
+def truncated_image(path: str | Path) -> str | None:
+    """Why ``path`` looks cut short (JPEG without its EOI marker, PNG without IEND), or None.
+
+    OpenCV decodes a truncated JPEG into a half-gray image with only a libjpeg warning, so a dataset with one
+    would load, then score wrong numbers; reading the file's last few KB catches it before any work is done.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    marker = {".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9", ".png": b"IEND"}.get(suffix)
+    if marker is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - _TAIL))
+            tail = f.read()
+    except OSError as exc:
+        return f"cannot read ({exc.strerror or exc})"
+    if marker not in tail:
+        return f"truncated or damaged {'PNG' if suffix == '.png' else 'JPEG'} (no end-of-image marker)"
+    return None
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -96,7 +126,30 @@ def list_images(source: str | Path) -> list[Path]:
     if source.suffix.lower() in IMAGE_SUFFIXES:
         return [source]
     if source.suffix.lower() == ".txt" and source.is_file():
-        base = source.parent
-        lines = [ln.strip() for ln in source.read_text().splitlines() if ln.strip()]
-        return [Path(ln) if Path(ln).is_absolute() else base / ln for ln in lines]
+        return read_list_file(source)
     return []
+
+
+MAX_LIST_LINE = 4096  # PATH_MAX / NAME_MAX on Linux: longer lines or names cannot be paths (os.stat fails on them)
+MAX_NAME = 255
+
+
+def read_list_file(source: Path) -> list[Path]:
+    """A .txt list: one image path per line (UTF-8), blank lines skipped; a relative path is relative to the
+    list file's folder (not the current directory), so a list moves together with its images."""
+    try:
+        text = source.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{source}: not UTF-8 text (byte {exc.start}); expected one image path per line") from None
+    except OSError as exc:
+        raise UserError(f"cannot read list file {source}: {exc.strerror or exc}") from None
+    paths = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if (len(line) > MAX_LIST_LINE or "\0" in line
+                or any(len(part.encode("utf-8", "surrogateescape")) > MAX_NAME for part in Path(line).parts)):
+            raise UserError(f"{source}:{n}: not a file path ({len(line)} characters); expected one image path per line")
+        paths.append(Path(line) if Path(line).is_absolute() else source.parent / line)
+    return paths

@@ -32,8 +32,8 @@ REBUILD_HINT = ("rebuild it on this machine (yolo7-export CHECKPOINT --trt), or 
 def read_sidecar(engine_path: Path) -> dict:
     side = trt_env.sidecar_path(engine_path)
     if not side.is_file():
-        raise trt_env._error(f"{side.name} not found next to {Path(engine_path).name}: yolo7-export runs only engines "
-                             f"it built (the sidecar records classes, input size, TensorRT version and GPU); rebuild "
+        raise trt_env._error(f"{side.name} not found next to {Path(engine_path).name}: only engines built by "
+                             f"yolo7-export --trt can run here (their sidecar records classes, input size, TensorRT version and GPU); rebuild "
                              f"with yolo7-export CHECKPOINT --trt")
     try:
         data = json.loads(side.read_text())
@@ -51,9 +51,22 @@ def model_info(sidecar: dict) -> ModelInfo:
     return ModelInfo.from_metadata({META_PREFIX + k: json.dumps(v) for k, v in model.items()})
 
 
-def check_compat(sidecar: dict, trt_version: str, device: trt_env.CudaDevice, engine_name: str) -> list[str]:
-    """Raise a UserError if the engine cannot run here; return warnings for what works but is not ideal."""
+def check_compat(sidecar: dict, trt_version: str, device: trt_env.CudaDevice, engine_name: str,
+                 library: str = "tensorrt") -> list[str]:
+    """Raise a UserError if the engine cannot run here; return warnings for what works but is not ideal.
+
+    ``library`` is the TensorRT flavour loaded here ('tensorrt' or 'tensorrt-rtx'): a plan only loads in the
+    library (and, unless version-compatible, the exact version) that built it. TensorRT-RTX engines name
+    their target compute capabilities instead of a build GPU.
+    """
+    built_lib = str(sidecar["tensorrt"].get("library", "tensorrt"))
     built_trt = str(sidecar["tensorrt"]["version"])
+    if built_lib != library:
+        raise trt_env._error(f"engine {engine_name} was built by {_lib_name(built_lib)} {built_trt}, and this runtime "
+                             f"loaded {_lib_name(library)} {trt_version}: rebuild it with yolo7-export CHECKPOINT "
+                             f"--trt --trt-lib {'rtx' if library == 'tensorrt-rtx' else 'tensorrt'}")
+    if built_lib == "tensorrt-rtx":
+        return _check_rtx(sidecar, built_trt, trt_version, device, engine_name)
     gpu = sidecar["gpu"]
     build = sidecar.get("build") or {}
     problems, warnings = [], []
@@ -77,6 +90,25 @@ def check_compat(sidecar: dict, trt_version: str, device: trt_env.CudaDevice, en
     if problems:
         raise trt_env._error(f"engine {engine_name} was built for {'; and for '.join(problems)}: {REBUILD_HINT}")
     return warnings
+
+
+def _lib_name(lib: str) -> str:
+    return "TensorRT-RTX" if lib == "tensorrt-rtx" else "TensorRT"
+
+
+def _check_rtx(sidecar: dict, built: str, running: str, device: trt_env.CudaDevice, engine_name: str) -> list[str]:
+    """RTX plans: same TensorRT-RTX version, and this GPU among the compute capabilities compiled for."""
+    problems = []
+    if trt_env.version_tuple(built) != trt_env.version_tuple(running):
+        problems.append(f"TensorRT-RTX {built}, this machine has TensorRT-RTX {running}")
+    targets = [str(t) for t in sidecar.get("targets") or []]
+    here = f"sm{device.compute_capability[0]}{device.compute_capability[1]}"
+    if targets and here not in targets:
+        problems.append(f"{','.join(targets)}, {device.name} is {here}")
+    if problems:
+        raise trt_env._error(f"engine {engine_name} was built for {'; and for '.join(problems)}: rebuild it with "
+                             f"yolo7-export CHECKPOINT --trt --trt-lib rtx --trt-arch {here}")
+    return []
 
 
 class TorchCuda:
@@ -130,6 +162,7 @@ class TorchCuda:
 
 
 make_device = TorchCuda  # tests replace this with a CPU stand-in
+MAX_CACHED_SHAPES = 4  # input shapes whose buffers (and CUDA graphs) stay allocated
 
 
 class TrtBackend(Backend):
@@ -144,11 +177,19 @@ class TrtBackend(Backend):
         self.sidecar = read_sidecar(self.path)
         self.info = model_info(self.sidecar)
         self.cuda_graph = bool(cuda_graph)
-        trt = trt_env.import_tensorrt()
+        built_lib = str(self.sidecar["tensorrt"].get("library", "tensorrt"))
+        try:
+            trt = trt_env.import_library("rtx" if built_lib == "tensorrt-rtx" else "tensorrt")
+        except Exception as exc:  # UserError: the library that built the engine is not installed here
+            other = "tensorrt" if built_lib == "tensorrt-rtx" else "rtx"
+            raise trt_env._error(f"engine {self.path.name} was built by {_lib_name(built_lib)} "
+                                 f"{self.sidecar['tensorrt']['version']}: {exc}; or rebuild it with yolo7-export "
+                                 f"CHECKPOINT --trt --trt-lib {other}") from exc
         self.trt_version = trt.__version__
+        self.library = trt_env.library(trt)
         self.cuda = make_device()
         self.device = self.cuda.device_info()
-        for warning in check_compat(self.sidecar, trt.__version__, self.device, self.path.name):
+        for warning in check_compat(self.sidecar, trt.__version__, self.device, self.path.name, self.library):
             log.warning(warning)
         data = self.path.read_bytes()
         if hashlib.sha256(data).hexdigest() != self.sidecar["engine"]["sha256"]:
@@ -159,7 +200,8 @@ class TrtBackend(Backend):
         if (self.sidecar.get("build") or {}).get("version_compatible"):
             self.runtime.engine_host_code_allowed = True  # the plan carries its own lean runtime
         plugins = [trt_env.PluginOp(**p) for p in self.sidecar.get("plugins", [])]
-        trt_env.init_plugins(trt, self.logger, plugins)
+        if plugins or not trt_env.is_rtx(trt):  # TensorRT-RTX has no plugin library
+            trt_env.init_plugins(trt, self.logger, plugins)
         self.engine = self.runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise trt_env._error(f"TensorRT {trt.__version__} could not load {self.path.name} "
@@ -176,9 +218,10 @@ class TrtBackend(Backend):
         self.input_name = self.input_names[0]
         self.input_shape = tuple(int(d) for d in self.engine.get_tensor_shape(self.input_name))
         self.dtypes = {n: self._torch_dtype(n) for n in names}
-        self._buffers: dict[int, dict] = {}
-        self._graphs: dict[int, object] = {}
-        self._bound: int | None = None
+        self._buffers: dict[tuple[int, ...], dict] = {}  # per input shape, least recently used first
+        self._graphs: dict[tuple[int, ...], object] = {}
+        self._bound: tuple[int, ...] | None = None
+        self.cuda_graph_error = ""
 
     def _torch_dtype(self, name: str) -> str:
         dtype = self.engine.get_tensor_dtype(name)
@@ -210,61 +253,93 @@ class TrtBackend(Backend):
     def stream(self):
         return self.cuda.stream
 
-    def _bind(self, shape: tuple[int, ...]) -> int:
-        """Make the context ready for this input shape: buffers per batch size, addresses by tensor name."""
+    def _bind(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Make the context ready for this input shape: buffers per input shape, addresses by tensor name.
+
+        Buffers (and CUDA graphs, which hold their addresses) are cached per full input shape, not per batch
+        size: a dynamic-size engine sees many (H, W). The cache keeps the ``MAX_CACHED_SHAPES`` most recently
+        used shapes; evicting a shape drops its graph with its buffers, so a graph never replays on freed memory.
+        """
+        shape = tuple(int(s) for s in shape)
         expected = self.input_shape
         if len(shape) != len(expected) or any(e >= 0 and e != s for e, s in zip(expected, shape)):
-            raise trt_env._error(f"input of shape {tuple(shape)} does not fit engine input {self.input_name} "
+            raise trt_env._error(f"input of shape {shape} does not fit engine input {self.input_name} "
                                  f"{tuple(expected)}")
-        n = int(shape[0])
         dynamic = any(d < 0 for d in expected)
-        if n not in self._buffers:
-            if dynamic and not self.context.set_input_shape(self.input_name, tuple(int(s) for s in shape)):
-                lo, _, hi = (tuple(d) for d in self.engine.get_tensor_profile_shape(self.input_name, 0))
-                raise trt_env._error(f"batch {n} is outside the engine's profile (batch {lo[0]}..{hi[0]}); "
-                                     f"rebuild with a larger max batch")
-            buffers = {self.input_name: self.cuda.empty(tuple(shape), self.dtypes[self.input_name])}
+        if shape in self._buffers:
+            self._buffers[shape] = self._buffers.pop(shape)  # most recently used last
+        else:
+            if dynamic and not self.context.set_input_shape(self.input_name, shape):
+                self._bound = None
+                lo, _, hi = (tuple(int(v) for v in d) for d in self.engine.get_tensor_profile_shape(self.input_name, 0))
+                raise trt_env._error(f"input shape {shape} is outside the engine's profile ({lo} .. {hi}); rebuild "
+                                     f"with a larger --max-batch / --max-img, or feed a shape inside it")
+            buffers = {self.input_name: self.cuda.empty(shape, self.dtypes[self.input_name])}
             for name in self.output_names:
                 out_shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
                 buffers[name] = self.cuda.empty(out_shape, self.dtypes[name])
-            self._buffers[n] = buffers
-        if self._bound != n:
+            self._buffers[shape] = buffers
+            self._bound = None  # addresses not set yet
+            while len(self._buffers) > MAX_CACHED_SHAPES:
+                old = next(iter(self._buffers))
+                del self._buffers[old]
+                self._graphs.pop(old, None)
+        if self._bound != shape:
             if dynamic:
-                self.context.set_input_shape(self.input_name, tuple(int(s) for s in shape))
-            for name, tensor in self._buffers[n].items():
+                self.context.set_input_shape(self.input_name, shape)
+            for name, tensor in self._buffers[shape].items():
                 self.context.set_tensor_address(name, tensor.data_ptr())
-            self._bound = n
-        return n
+            self._bound = shape
+        return shape
 
     def _execute(self) -> None:
         if not self.context.execute_async_v3(self.cuda.handle):
             raise trt_env._error(f"TensorRT execution failed: {self.logger.last_error or 'no reason given'}")
 
-    def enqueue(self, batch_size: int) -> None:
-        """Queue one inference on the bound buffers of ``batch_size`` (no copies, no sync): for timing."""
+    def _shape_for(self, batch) -> tuple[int, ...]:
+        """``enqueue`` accepts a batch size (the artifact's own H, W) or a full input shape."""
+        if isinstance(batch, (tuple, list)):
+            return tuple(int(s) for s in batch)
+        rest = [d if d >= 0 else s for d, s in zip(self.input_shape[1:], (3, *self.info.imgsz))]
+        return (int(batch), *rest)
+
+    def enqueue(self, batch) -> None:
+        """Queue one inference on the bound buffers of ``batch`` (a batch size or an input shape; no copies, no
+        sync): for timing. With ``cuda_graph`` the first call per shape runs once, then captures a graph that
+        later calls of the same shape replay; if capture fails (a graph TensorRT cannot capture, e.g.
+        data-dependent shapes in an NMS loop) the backend says so once and keeps using normal launches."""
         self._ensure_open()
-        self._bind((batch_size, *self.input_shape[1:]))
+        shape = self._bind(self._shape_for(batch))
         if not self.cuda_graph:
             self._execute()
             return
-        graph = self._graphs.get(batch_size)
+        graph = self._graphs.get(shape)
         if graph is None:
             self._execute()  # warm-up outside capture: TensorRT finishes shape-dependent setup here
             self.cuda.synchronize()
-            graph = self._graphs[batch_size] = self.cuda.capture(self._execute)
+            try:
+                graph = self.cuda.capture(self._execute)
+            except Exception as exc:  # noqa: BLE001 - any capture failure: fall back, never fail the inference
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                log.warning("CUDA graph capture failed for input %s (%s); using normal launches", shape, first)
+                self.cuda_graph, self.cuda_graph_error = False, first
+                self.cuda.synchronize()
+                self._execute()
+                return
+            self._graphs[shape] = graph
         self.cuda.replay(graph)
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         self._ensure_open()
         x = np.ascontiguousarray(batch, dtype=np.float32)
-        n = self._bind(x.shape)
-        buffers = self._buffers[n]
+        shape = self._bind(x.shape)
+        buffers = self._buffers[shape]
         src = x if self.dtypes[self.input_name] == "float32" else x.astype(self.dtypes[self.input_name])
         self.cuda.upload(buffers[self.input_name], src)
-        self.enqueue(n)
+        self.enqueue(shape)
         self.cuda.synchronize()
         return {name: self.cuda.download(buffers[name]) for name in self.output_names}
 
     def describe(self) -> dict:
         return {**super().describe(), "engine": self.path.name, "tensorrt": self.trt_version,
-                "gpu": self.device.name, "cuda_graph": self.cuda_graph}
+                "gpu": self.device.name, "cuda_graph": self.cuda_graph, "library": self.library}
