@@ -20,7 +20,8 @@ from exporter.onnx_export import ExportConfig, export_onnx, read_info
 from exporter.options import NmsOptions
 from exporter.pipeline import load_fused
 from runtimes.contract import NMS_INDICES, NMS_OUTPUTS, ModelInfo
-from runtimes.nms_reference import efficient_nms_reference
+from runtimes.nms_reference import (efficient_nms_reference, non_max_suppression, portable_nms_reference, xywh2xyxy,
+                                     yolo_scores)
 
 DATA = Path(__file__).parent / "data" / "official"
 CHECKPOINTS = sorted(DATA.glob("*.pt"))
@@ -119,15 +120,79 @@ def test_efficient_tail_matches_onnx_tail(exported, ckpt):
         assert got[0].min() > 0
 
 
+def _assert_close_to(num, boxes, scores, classes, ref: np.ndarray) -> None:
+    """Count exact; boxes within 0.05 px, scores within 1e-4, classes equal (rows of equal score in any order)."""
+    n = int(num)
+    assert n == len(ref) > 0
+    order = np.lexsort((classes[:n], -np.round(scores[:n], 4)))
+    ref_order = np.lexsort((ref[:, 5], -np.round(ref[:, 4], 4)))
+    np.testing.assert_allclose(boxes[:n][order], ref[ref_order, :4], atol=0.05)
+    np.testing.assert_allclose(scores[:n][order], ref[ref_order, 4], atol=1e-4)
+    np.testing.assert_array_equal(classes[:n][order], ref[ref_order, 5].astype(np.int32))
+    assert not boxes[n:].any() and not scores[n:].any()
+
+
+PORTABLE_OUTPUTS = [*NMS_OUTPUTS, NMS_INDICES, "output"]
+
+
+@pytest.mark.parametrize("ckpt", CHECKPOINTS, ids=IDS)
+def test_portable_tail_reproduces_official_nms(exported, ckpt):
+    """--nms portable --best-class == the official NMS (stored .npz result) at batch 1 and inside a batch of 4;
+    the other images of the batch == the official NMS on their own raw output, and every image == the portable
+    reference exactly; det_indices gather the raw rows behind each detection."""
+    raw, image = exported(ckpt)
+    nc = len(read_info(raw).names)
+    model = append_nms(raw, NmsOptions(mode="portable", conf=0.25, iou=0.45, topk=300, best_class=True), nc,
+                       keep_raw=True)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    official = np.load(ckpt.with_suffix(".npz"))["nms_fused"]
+    for batch in (image, four_images(image)):
+        num, boxes, scores, classes, idx, out = sess.run(PORTABLE_OUTPUTS, {"images": batch})
+        _assert_close_to(num[0, 0], boxes[0], scores[0], classes[0], official)
+        mine = non_max_suppression(out, 0.25, 0.45, max_det=300)
+        for i in range(len(batch)):
+            _assert_close_to(num[i, 0], boxes[i], scores[i], classes[i], mine[i])
+        want = portable_nms_reference(out, 0.25, 0.45, 300, multi_label=False)
+        for name, g, w in zip(PORTABLE_OUTPUTS, (num, boxes, scores, classes, idx), want):
+            np.testing.assert_array_equal(g, w, err_msg=name)
+        for i in range(len(batch)):
+            n = int(num[i, 0])
+            rows = out[i, idx[i, :n]]
+            np.testing.assert_array_equal(boxes[i, :n], xywh2xyxy(rows[:, :4]))
+            np.testing.assert_array_equal(scores[i, :n], yolo_scores(rows, nc)[np.arange(n), classes[i, :n]])
+
+
+@pytest.mark.parametrize("ckpt", CHECKPOINTS, ids=IDS)
+def test_portable_multi_label_equals_efficient_reference(exported, ckpt):
+    """Multi-label (agnostic for the *_nc3 fixtures): portable tail == EfficientNMS_TRT's CPU reference on the
+    graph's own boxes/scores, batch 1 and 4 (no tied scores and fewer candidates than the cap: checked)."""
+    raw, image = exported(ckpt)
+    nc = len(read_info(raw).names)
+    agnostic = ckpt.stem.endswith("nc3")
+    opts = dict(conf=0.25, iou=0.45, topk=300, agnostic=agnostic)
+    sess = session(append_nms(raw, NmsOptions(mode="portable", **opts), nc))
+    prefix = session(plugin_inputs(append_nms(raw, NmsOptions(mode="efficient", **opts), nc)))
+    for batch in (image, four_images(image)):
+        boxes, scores = prefix.run(None, {"images": batch})
+        cand = [s[s >= 0.25] for s in scores]
+        assert all(len(np.unique(c)) == len(c) and len(c) <= 1024 for c in cand)
+        got = sess.run(None, {"images": batch})
+        want = efficient_nms_reference(boxes, scores, 0.25, 0.45, 300, class_agnostic=agnostic)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+        assert got[0].min() > 0
+
+
 def test_mixed_batch_equals_one_by_one(exported):
     raw, image = exported(DATA / "dev_yolov7-tiny_w050_nc5.pt")
-    sess = session(append_nms(raw, NmsOptions(mode="onnx", topk=300), nc_of(raw)))
     batch = four_images(image)
-    together = sess.run(None, {"images": batch})
-    assert len(set(int(n) for n in together[0][:, 0])) > 1  # the images really differ
-    for i in range(len(batch)):
-        for t, a in zip(together, sess.run(None, {"images": batch[i:i + 1]})):
-            np.testing.assert_allclose(t[i:i + 1], a, atol=1e-4)  # the network itself may differ ~1 ulp by batch
+    for mode in ("onnx", "portable"):
+        sess = session(append_nms(raw, NmsOptions(mode=mode, topk=300), nc_of(raw)))
+        together = sess.run(None, {"images": batch})
+        assert len(set(int(n) for n in together[0][:, 0])) > 1  # the images really differ
+        for i in range(len(batch)):
+            for t, a in zip(together, sess.run(None, {"images": batch[i:i + 1]})):
+                np.testing.assert_allclose(t[i:i + 1], a, atol=1e-4)  # the network may differ ~1 ulp by batch
 
 
 def test_single_class_scores_not_capped(exported):
@@ -154,7 +219,7 @@ def test_cli_end_to_end(tmp_path, mode):
     result = CliRunner().invoke(export_command, args)
     assert result.exit_code == 0, result.output
     model = onnx.load(tmp_path / f"{ckpt.stem}.onnx")
-    assert [o.name for o in model.graph.output] == list(NMS_OUTPUTS)
+    assert [o.name for o in model.graph.output] == list(NMS_OUTPUTS) + ([NMS_INDICES] if mode == "onnx" else [])
     info = read_info(model)
     assert info.nms == mode and info.nms_params["topk"] == 300 and info.batch is None
     if mode == "efficient":
