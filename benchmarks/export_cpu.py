@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from exporter.artifacts import versions, write_bytes_atomic, write_json_atomic  # noqa: E402
 from exporter.check.environment import cpu_name  # noqa: E402
-from exporter.check.latency import warm_and_time  # noqa: E402
+from exporter.evaluation.latency import warm_and_time  # noqa: E402
 from exporter.checkpoint import load_checkpoint  # noqa: E402
 from exporter.fuse import fuse_model  # noqa: E402
 from exporter.model import BuildSpec, YoloModel  # noqa: E402

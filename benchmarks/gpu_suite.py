@@ -137,7 +137,7 @@ def export_all(args, out: Path, results: dict) -> dict:
 def torch_cuda_part(args, reference: dict, batches: dict, results: dict) -> None:
     import torch
 
-    from exporter.check.parity import compare_raw
+    from exporter.evaluation.parity import compare_raw
     from exporter.pipeline import load_fused
 
     _, model = load_fused(args.checkpoint)
@@ -160,7 +160,7 @@ def torch_cuda_part(args, reference: dict, batches: dict, results: dict) -> None
 
 
 def tensorrt_part(args, made: dict, reference: dict, ort_out: dict, batches: dict, out: Path, results: dict) -> None:
-    from exporter.check.parity import compare_raw
+    from exporter.evaluation.parity import compare_raw
     from exporter.options import TrtOptions
     from exporter.trt_build import build_engine
     from runtimes.contract import RAW_OUTPUT
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dry run: nothing exported; plan written to {out / 'plan.json'}")
         return 0
 
-    from exporter.check.parity import compare_raw
+    from exporter.evaluation.parity import compare_raw
     from exporter.pipeline import load_fused
     from runtimes.contract import RAW_OUTPUT
     from runtimes.onnx_backend import OnnxBackend

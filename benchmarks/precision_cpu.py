@@ -4,7 +4,7 @@ What is measured, all in this run on this machine:
   latency   model-only median (and p90) of >= 30 runs after 10 warm-up runs, batch 1, 320x320, one
             letterboxed shapes image (Backend.infer: the ONNX Runtime call, no pre/post-processing)
   mAP       mAP50-95 / mAP50 on the 200 labelled shapes images (tests/data/shapes) with the project's
-            evaluator (exporter.check.evaluate: conf 0.001, IoU 0.65, multi-label, max 300 detections)
+            evaluator (exporter.evaluation.evaluate: conf 0.001, IoU 0.65, multi-label, max 300 detections)
   INT8      calibrated on the same 200 images (--calib-images 512 asks for more than exist: all 200 are
             used), default method, calibration time; plus the --int8-max-drop run (same cached ranges)
   FP16      max |FP16 - FP32| on the raw output over the 200 images (boxes in px, probabilities)
@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from exporter.artifacts import write_bytes_atomic, write_json_atomic  # noqa: E402
-from exporter.check.dataset import load_dataset  # noqa: E402
+from exporter.evaluation.dataset import load_dataset  # noqa: E402
 from exporter.check.environment import describe_device, report_versions  # noqa: E402
-from exporter.check.evaluate import evaluate_map  # noqa: E402
-from exporter.check.latency import warm_and_time  # noqa: E402
+from exporter.evaluation.evaluate import evaluate_map  # noqa: E402
+from exporter.evaluation.latency import warm_and_time  # noqa: E402
 from exporter.onnx_export import ExportConfig, export_onnx  # noqa: E402
 from exporter.options import CalibOptions  # noqa: E402
 from exporter.pipeline import load_fused  # noqa: E402

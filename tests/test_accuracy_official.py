@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import onnx
 
-from exporter.check.dataset import load_dataset
-from exporter.check.evaluate import evaluate_map
+from exporter.evaluation.dataset import load_dataset
+from exporter.evaluation.evaluate import evaluate_map
 from runtimes.base import Detector
 from runtimes.onnx_backend import OnnxBackend
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporter.check.dataset import DatasetError, load_dataset
-from exporter.check.evaluate import EVAL_CONFIG, evaluate_map, score_coco
+from exporter.evaluation.dataset import DatasetError, load_dataset
+from exporter.evaluation.evaluate import EVAL_CONFIG, evaluate_map, score_coco
 from exporter.errors import UserError
 from runtimes.base import Backend, Detector
 from runtimes.contract import ModelInfo

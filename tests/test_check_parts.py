@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from exporter.check.latency import MemoryPeak, percentiles
-from exporter.check.parity import box_iou, compare_raw, match_detections, reference_config
+from exporter.evaluation.latency import MemoryPeak, percentiles
+from exporter.evaluation.parity import box_iou, compare_raw, match_detections, reference_config
 from exporter.check.report import render_markdown, render_plot
 from runtimes.base import Detections
 from runtimes.contract import ModelInfo

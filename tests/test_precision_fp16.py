@@ -96,8 +96,8 @@ def test_outputs_match_fp32_within_fp16_tolerance(fp32, fp16, shapes_dir):
 
 def test_map_drop_within_0p1(fp32, fp16, shapes_dir):
     """40 shapes images (the full 200-image numbers are in benchmarks/results/precision_cpu.md)."""
-    from exporter.check.dataset import load_dataset
-    from exporter.check.evaluate import evaluate_map
+    from exporter.evaluation.dataset import load_dataset
+    from exporter.evaluation.evaluate import evaluate_map
     from runtimes.base import Detector
     from runtimes.onnx_backend import OnnxBackend
 

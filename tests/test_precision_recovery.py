@@ -83,8 +83,8 @@ def test_detection_error_weights_what_map_sees():
 
 def test_max_drop_moves_sensitive_layers_back_until_budget_holds(fp32, small_set):
     """2 calibration images (coarse ranges, a clear drop) scored on 40 labelled images, budget 0.5 AP."""
-    from exporter.check.dataset import load_dataset
-    from exporter.check.evaluate import evaluate_map
+    from exporter.evaluation.dataset import load_dataset
+    from exporter.evaluation.evaluate import evaluate_map
     from runtimes.base import Detector
     from runtimes.onnx_backend import OnnxBackend
 

@@ -51,7 +51,7 @@ def fp32_engine(tmp_path_factory):
 
 
 def test_engine_matches_onnxruntime(fp32_engine, images):
-    from exporter.check.parity import compare_raw
+    from exporter.evaluation.parity import compare_raw
     from runtimes.onnx_backend import OnnxBackend
     from runtimes.trt_backend import TrtBackend
 

@@ -17,8 +17,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from exporter.pipeline import load_fused
-from exporter.check.dataset import load_dataset
-from exporter.check.evaluate import score_coco
+from exporter.evaluation.dataset import load_dataset
+from exporter.evaluation.evaluate import score_coco
 from runtimes.nms_reference import non_max_suppression
 torch.set_num_threads(1)
 ds = load_dataset(ROOT / 'tests/data/shapes/annotations/instances_val.json')

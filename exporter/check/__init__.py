@@ -1,6 +1,7 @@
 """check/: measure artifacts before they ship: parity vs PyTorch, COCO mAP, latency, the report and CI gates.
 
-Modules, one job each: dataset (labelled sets), evaluate (mAP under the official protocol), parity, latency,
-report (json/md/png), harness (runs them over every artifact, applies the gates), cli (`yolo7-bench`).
+Modules, one job each: harness (runs the evaluation library, exporter/evaluation/: dataset, mAP, parity,
+latency, over every artifact, applies the gates), report (json/md/png), environment, cli (`yolo7-bench`).
+The old names check.dataset/evaluate/parity/latency are aliases of the evaluation modules.
 Nothing here is imported by the exporter at module level: `--check` imports the harness lazily.
 """

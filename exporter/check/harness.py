@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +20,12 @@ from runtimes.contract import ModelInfo
 from runtimes.preprocess import preprocess, read_image
 
 from ..errors import UserError
-from .dataset import Dataset, load_dataset
+from ..evaluation.dataset import Dataset
+from ..evaluation.evaluate import EVAL_CONFIG, evaluate_map
+from ..evaluation.latency import MemoryPeak, measure_latency
+from ..evaluation.parity import check_parity, reference_config
+from .masks import evaluate_mask_map, has_masks, load_labels, mask_parity
 from .environment import describe_device, ort_device, report_versions, trt_unavailable_reason
-from .evaluate import EVAL_CONFIG, evaluate_map
-from .latency import MemoryPeak, measure_latency
-from .parity import check_parity, reference_config
 
 log = logging.getLogger("yolo7_export")
 CHECK_SETTINGS: dict = {"runs": 20, "warmup": 3}  # `yolo7-export --check`: fewer runs than yolo7-bench's default
@@ -92,7 +93,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         if names.count(p.path.name) > 1:
             p.name = f"{p.path.parent.name}/{p.path.name}"
     imgsz = _resolve_imgsz(cfg.imgsz, planned)
-    dataset = load_dataset(cfg.data).subset(cfg.max_images)
+    dataset = load_labels(cfg.data).subset(cfg.max_images)  # box labels, or YOLO-seg / COCO masks
     if cfg.threads:
         import torch
 
@@ -102,11 +103,17 @@ def run_bench(cfg: BenchConfig) -> dict:
     dataset = dataset.for_model(ref.info.names)
     for p in planned:
         _check_same_model(p, ref.info, cfg.checkpoint)
+    ref_batches = _preflight(planned, cfg)
+    if ref.info.task == "pose":  # a set without keypoints (or another count) fails now, not after the timing
+        from .keypoints import keypoint_gt
+
+        keypoint_gt(dataset, ref.info.nkpt)
 
     parity_imgs = [read_image(r.path) for r in dataset.images[: cfg.parity_images]]
     parity_batch, _ = preprocess(parity_imgs, imgsz)
     ref_out = ref.run(parity_batch)
-    rows = [_measure(_Planned(Path(cfg.checkpoint), "pytorch", ref.info), ref, cfg, dataset, parity_imgs, None, None)]
+    rows = [_measure(_Planned(Path(cfg.checkpoint), "pytorch", ref.info), ref, replace(cfg, batches=ref_batches),
+                     dataset, parity_imgs, None, None)]
     ref_maps = {None: rows[0]["map"]["map50_95"]}  # NMS settings -> PyTorch mAP under them
     for p in planned:
         if p.skipped:
@@ -128,7 +135,8 @@ def run_bench(cfg: BenchConfig) -> dict:
                      "protocol": asdict(EVAL_CONFIG), "evaluator": "faster-coco-eval",
                      "threads_note": _threads_note(cfg.threads)},
         "artifacts": rows, "gates": gate_rows, "passed": not failures, "failures": failures,
-        "notes": ["square letterbox for every artifact (the official test.py pads rectangular batches instead, "
+        "notes": [*([f"peak memory {CPU_MEMORY_NOTE}"] if cfg.device == "cpu" else []),
+                  "square letterbox for every artifact (the official test.py pads rectangular batches instead, "
                   "so its mAP can differ by a few tenths of an AP point)"],
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -137,6 +145,24 @@ def run_bench(cfg: BenchConfig) -> dict:
     if failures:
         raise GateFailure(f"gate failed: {'; '.join(failures)} (report: {paths['report.md']})")
     return report
+
+
+def _preflight(planned: list[_Planned], cfg: BenchConfig) -> tuple[int, ...]:
+    """Before anything is measured: open every runnable artifact once (a broken one stops the run now, not
+    after minutes of PyTorch timing), refuse a run where no artifact can run, and return the batch sizes
+    the PyTorch reference must be timed at: only those some artifact is timed at."""
+    runnable = [p for p in planned if not p.skipped]
+    if planned and not runnable:
+        raise UserError("nothing to check on this machine: " + "; ".join(f"{p.name}: {p.skipped}" for p in planned))
+    batches: set[int] = set()
+    for p in runnable:
+        backend = open_backend(p.path, device=_device(p, cfg), **_kwargs(p, cfg))
+        batches.update(_batches_for(Detector(backend), cfg.batches))
+        del backend
+    for p in planned:
+        if p.skipped:
+            log.warning("will skip %s: %s", p.name, p.skipped)
+    return tuple(sorted(batches)) if batches else cfg.batches
 
 
 def _plan(path: Path) -> _Planned:
@@ -196,6 +222,9 @@ def _check_same_model(p: _Planned, ref: ModelInfo, checkpoint: Path) -> None:
                         f"(sha256 {p.info.source_sha256[:12]} vs {ref.source_sha256[:12]}); parity would be meaningless")
     if p.info.nc != ref.nc:
         raise UserError(f"{p.name} predicts {p.info.nc} classes but {checkpoint.name} has {ref.nc}")
+    if p.info.task != ref.task:
+        raise UserError(f"{p.name} is a {p.info.task} model but {checkpoint.name} is a {ref.task} checkpoint; "
+                        "check an artifact against the checkpoint it was exported from")
 
 
 def _device(p: _Planned, cfg: BenchConfig) -> str:
@@ -238,16 +267,46 @@ def _measure(p: _Planned, det: Detector, cfg: BenchConfig, dataset: Dataset, ima
             row["reference_map50_95"] = ref_map
             row["delta_ap"] = round(100 * (res.map50_95 - ref_map), 3)
             row["parity"] = check_parity(ref, det, batch, ref_out).to_dict()
+            if p.info.task == "segment":  # masks of matched detections vs PyTorch, same images
+                row["mask_parity"] = mask_parity(ref, det, images).to_dict()
+        if p.info.task == "pose":  # COCO keypoint AP (OKS) beside box mAP; keypoint parity vs PyTorch
+            row["keypoints"] = _keypoints(det, cfg, dataset, parity_ctx)
+        if p.info.task == "segment" and has_masks(dataset):  # COCO segm beside box mAP (seg val.py protocol)
+            row["mask"] = evaluate_mask_map(det, dataset, batch_size=cfg.eval_batch, progress=cfg.progress).to_dict()
         for b in _batches_for(det, cfg.batches):
             lat = measure_latency(det, images, b, runs=cfg.runs, warmup=cfg.warmup, progress=cfg.progress,
                                   desc=f"{p.name} b{b}", cuda=cuda)
-            row["latency"].append(lat.to_dict())
-    row["peak_mem_mb"], row["mem_kind"] = mem.peak_mb, mem.kind
+            row["latency"].append(_attributable_memory(lat.to_dict()))
+    row["peak_mem_mb"], row["mem_kind"] = (mem.peak_mb, mem.kind) if cuda else (None, CPU_MEMORY_NOTE)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     lat0 = row["latency"][0] if row["latency"] else None
     log.info("%s: mAP50-95 %.4f mAP50 %.4f%s", p.name, res.map50_95, res.map50,
              f", b{lat0['batch']} p50 {lat0['model_ms']['p50']:.2f} ms" if lat0 else "")
     return row
+
+
+def _keypoints(det: Detector, cfg: BenchConfig, dataset: Dataset, parity_ctx) -> dict:
+    """{"ap": KeypointMapResult, "parity": KeypointParity (artifacts only)} as dicts (check/keypoints.py)."""
+    from .keypoints import evaluate_keypoints, keypoint_parity
+
+    out = {"ap": evaluate_keypoints(det, dataset, batch_size=cfg.eval_batch, progress=cfg.progress).to_dict(),
+           "parity": None}
+    if parity_ctx is not None:
+        batch, ref, ref_out = parity_ctx
+        out["parity"] = keypoint_parity(ref, det, batch, ref_out, reference_config(det.info)).to_dict()
+    return out
+
+
+CPU_MEMORY_NOTE = ("not reported on CPU: the process's peak-RSS growth cannot be attributed to one artifact "
+                   "(memory freed by the PyTorch reference or the mAP pass is reused, so ONNX Runtime showed 0.0 MB "
+                   "at batch 1 and 8)")
+
+
+def _attributable_memory(lat: dict) -> dict:
+    """Keep a peak-memory figure only where it measures this artifact (the CUDA allocator's peak)."""
+    if not str(lat.get("mem_kind", "")).startswith("cuda"):
+        lat["peak_mem_mb"], lat["mem_kind"] = None, CPU_MEMORY_NOTE
+    return lat
 
 
 def _reference_map(info: ModelInfo, ref: Detector, dataset: Dataset, cfg: BenchConfig, cache: dict):
@@ -284,6 +343,12 @@ def apply_gates(rows: list[dict], gates: Gates) -> tuple[list[dict], list[str]]:
     for r in rows:
         if r.get("parity") and not r["parity"]["finite"]:
             failures.append(f"{r['name']} produced NaN/Inf outputs")
+        if r.get("map") and r["map"]["map50_95"] < 0:  # COCO's -1: nothing to score, never a pass
+            failures.append(f"{r['name']}: mAP is undefined (-1: no labelled objects were scored)")
+    if any(g is not None for g in asdict(gates).values()):
+        for r in rows:
+            if r["skipped"]:  # a gate must not pass on an artifact it never saw
+                failures.append(f"{r['name']} was not checked ({r['skipped']}), so no gate covers it")
 
     def record(gate, artifact, value, limit, passed, reason):
         out.append({"gate": gate, "artifact": artifact, "value": value, "limit": limit, "passed": passed})

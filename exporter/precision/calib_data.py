@@ -4,7 +4,7 @@ Sources (``--calib``):
 * a folder: its images, sorted by name (not recursive); a dataset root without images of its own is read
   like ``--data`` (``annotations/*.json`` or ``images/val``);
 * a ``.txt`` list: one image path per line, relative paths relative to the list's folder;
-* a COCO json: its ``images``, resolved exactly as ``--data`` resolves them (exporter.check.dataset:
+* a COCO json: its ``images``, resolved exactly as ``--data`` resolves them (exporter.evaluation.dataset:
   ``<json dir>/../images/<split>``, ``<json dir>/images``, the json's own folder, ...).
 When more images are available than asked for, an evenly spaced subset of the sorted list is used, so a
 folder sorted by scene or class is still sampled across its whole range; the choice is deterministic.
@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from runtimes.contract import INPUT_NAME
-from runtimes.preprocess import IMAGE_SUFFIXES, ImageReadError, list_images, preprocess, read_image
+from runtimes.preprocess import (IMAGE_SUFFIXES, ImageReadError, list_images, preprocess, read_image,
+                                 truncated_image)
 
 from ..errors import UserError
 
@@ -63,6 +64,10 @@ def check_source(source: Path | None, num_images: int) -> list[Path]:
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise UserError(f"calibration list {source}: {len(missing)} image(s) not found, e.g. {missing[0]}")
+    for p in paths:  # a cut-short JPEG decodes half gray with only a warning: it would skew the ranges
+        problem = truncated_image(p)
+        if problem:
+            raise UserError(f"calibration image {p}: {problem}")
     return paths
 
 
@@ -93,7 +98,7 @@ def _list_source(source: Path) -> list[Path]:
 
 def _dataset_images(path: Path) -> list[Path]:
     """Images of a COCO json or dataset root, through the one loader that --data uses too."""
-    from ..check.dataset import load_dataset
+    from ..evaluation.dataset import load_dataset
 
     return [rec.path for rec in load_dataset(path).images]
 

@@ -1,8 +1,9 @@
 """``--int8-max-drop AP``: keep INT8's mAP50-95 drop vs FP32 within a budget by moving layers back to float.
 
 1. Measure mAP50-95 of the FP32 graph and the Q/DQ graph in ONNX Runtime on CPU with the project's one
-   evaluator (exporter.check.evaluate: conf 0.001, IoU 0.65, multi-label, 300 detections) on the eval set
-   (``--data``, else the calibration source when it has labels).
+   evaluator (exporter.evaluation.evaluate: conf 0.001, IoU 0.65, multi-label, 300 detections) on ``--data``,
+   which must share no image with the calibration images (checked by content hash; refused otherwise):
+   mAP measured on the images the ranges were fitted to overstates INT8 (issue 12 measured 0.2-0.4 AP).
 2. If the drop exceeds the budget, rank the quantized convs by **sensitivity**: the error the detections
    get when *only that conv* is quantized (FP32 everywhere else), on a few calibration images:
        relative MSE of the class scores (objectness x class probability, what NMS ranks and thresholds)
@@ -13,13 +14,14 @@
    with little local error can hurt more than an early one), and for small, nearly independent noise the
    per-layer contributions add up, so removing the largest ones first removes the most error per layer
    moved back. It costs one ONNX Runtime run per conv on a few images, not one mAP evaluation per conv.
-3. Move the k most sensitive convs back to float (their Q/DQ removed, ``quantize_static`` re-run with
-   them excluded, same calibrated ranges), for k = 1, 2, 4, ... until the drop is within budget, then
-   bisect for the smallest such k. Every number reported was measured.
+3. Move the k most sensitive convs back to float (FP16: modelopt places Q/DQ again with them excluded,
+   same calibrated ranges), for k = 1, 2, 4, ... until the drop is within budget, then bisect for the
+   smallest such k. Every number reported was measured.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import tempfile
 import time
@@ -45,6 +47,7 @@ def recover_accuracy(fp32: onnx.ModelProto, qproto: onnx.ModelProto, builder, in
     t0 = time.perf_counter()
     budget = float(calib.max_drop)
     dataset = _eval_set(calib, images)
+    check_disjoint(dataset, images)
     base = _map(fp32, dataset)
     history = []
 
@@ -62,7 +65,7 @@ def recover_accuracy(fp32: onnx.ModelProto, qproto: onnx.ModelProto, builder, in
     ranking: list[tuple[str, float]] = []
     excluded: list[str] = []
     if drop > budget:
-        ranking = layer_sensitivity(fp32, qproto, builder.convs, images, info)
+        ranking = layer_sensitivity(fp32, builder.build([], fp16=False), builder.convs, images, info)
         order = [name for name, _ in ranking]
         tried: dict[int, tuple[onnx.ModelProto, float]] = {}
         lo, hi, k = 0, None, 1
@@ -82,6 +85,7 @@ def recover_accuracy(fp32: onnx.ModelProto, qproto: onnx.ModelProto, builder, in
         best, drop = tried[hi]
         excluded = order[:hi]
     report = {"budget_ap": budget, "eval_set": str(dataset.source), "eval_images": len(dataset),
+              "eval_disjoint_from_calibration": True,
               "fp32_map50_95": round(base.map50_95 * 100, 3), "fp32_map50": round(base.map50 * 100, 3),
               "final_drop_ap": drop, "excluded_layers": excluded,
               "sensitivity": [{"layer": n, "score": float(f"{s:.4g}")} for n, s in ranking[:max(10, len(excluded))]],
@@ -92,15 +96,26 @@ def recover_accuracy(fp32: onnx.ModelProto, qproto: onnx.ModelProto, builder, in
 
 
 def _eval_set(calib: CalibOptions, images: CalibImages):
-    from ..check.dataset import DatasetError, load_dataset
+    from ..evaluation.dataset import DatasetError, load_dataset
 
-    if calib.eval_data is not None:
-        return load_dataset(calib.eval_data)
+    if calib.eval_data is None:
+        raise UserError("--int8-max-drop measures mAP on a labelled set that shares no image with the calibration "
+                        f"images: pass --data (calibrating on {images.source})")
     try:
-        return load_dataset(images.source)
+        return load_dataset(calib.eval_data)
     except DatasetError as exc:
-        raise UserError(f"--int8-max-drop measures mAP on a labelled set: pass --data (the calibration source "
-                        f"{images.source} has no labels: {exc})") from exc
+        raise UserError(f"--int8-max-drop: {exc}") from exc
+
+
+def check_disjoint(dataset, images: CalibImages) -> None:
+    """Refuse an eval set that shares images (same bytes) with the calibration images."""
+    calib = {hashlib.sha256(p.read_bytes()).digest(): p for p in images.paths}
+    shared = [rec.path for rec in dataset.images if hashlib.sha256(rec.path.read_bytes()).digest() in calib]
+    if shared:
+        raise UserError(f"--int8-max-drop: {len(shared)} of the {len(dataset)} --data images are also calibration "
+                        f"images (e.g. {shared[0].name}); evaluate on images the calibration never saw")
+    log.info("int8 recovery: eval set %s (%d images) shares no image with the %d calibration images",
+             dataset.source, len(dataset), len(images.paths))
 
 
 @contextlib.contextmanager
@@ -116,7 +131,7 @@ def _detector(proto: onnx.ModelProto):
 
 
 def _map(proto: onnx.ModelProto, dataset):
-    from ..check.evaluate import evaluate_map
+    from ..evaluation.evaluate import evaluate_map
 
     with _detector(proto) as detector:
         return evaluate_map(detector, dataset, progress=False)
