@@ -114,7 +114,7 @@ def run(opts: ExportOptions) -> PipelineResult:
             from .nms_masks import append_masks
 
             proto = append_nms(proto, opts.nms, len(info.names), keep_raw=True)
-            proto = append_masks(proto, info.nc, info.nm, imgsz)
+            proto = append_masks(proto, info.nc, info.nm, None if opts.dynamic else imgsz)
         elif info.task == "pose":
             from .nms_keypoints import append_keypoints
 
@@ -156,7 +156,7 @@ def run(opts: ExportOptions) -> PipelineResult:
     manifest.extra["reports"] = reports
     try:
         if opts.check.enabled:
-            _check(opts, result, manifest, reports)
+            _check(opts, result, manifest, reports, (ckpt, model))
     finally:  # the manifest is written even when a CI gate fails
         manifest.extra["seconds"] = round(time.perf_counter() - t0, 2)
         manifest.extra["model"] = asdict(info)  # effective settings (imgsz when --img was omitted, NMS, batch)
@@ -164,12 +164,13 @@ def run(opts: ExportOptions) -> PipelineResult:
     return result
 
 
-def _check(opts: ExportOptions, result: PipelineResult, manifest: Manifest, reports: dict) -> None:
-    """--check: the harness on what was just written; its report files join the manifest."""
+def _check(opts: ExportOptions, result: PipelineResult, manifest: Manifest, reports: dict, loaded: tuple) -> None:
+    """--check: the harness on what was just written (PyTorch reference: the model this run loaded and fused,
+    not a second load); its report files join the manifest."""
     from .check.harness import check_after_export
 
     try:
-        reports["check"] = check_after_export(opts, result)
+        reports["check"] = check_after_export(opts, result, reference=loaded)
     except UserError as exc:
         reports["check"] = {"passed": False, "error": str(exc)}
         raise

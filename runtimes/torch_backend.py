@@ -15,23 +15,25 @@ from .contract import PROTO_OUTPUT, RAW_OUTPUT, ModelInfo
 from .errors import UserError
 
 
-
 class TorchBackend(Backend):
     """Runs a YOLOv7 checkpoint in PyTorch; any batch size, raw ``output`` [B,N,5+nc]."""
 
     name = "pytorch"
 
     def __init__(self, path: str | Path, device: str = "cpu", fuse: bool = True, half: bool = False,
-                 imgsz: tuple[int, int] | None = None):
+                 imgsz: tuple[int, int] | None = None, loaded: tuple | None = None):
+        """``loaded``: the ``(Checkpoint, model)`` already loaded and fused from ``path`` (the pipeline's, for
+        ``--check``), so a run loads and fuses a checkpoint once; ``path`` is then not read again."""
         from exporter.checkpoint import load_checkpoint
         from exporter.loading import check_image_size, default_imgsz, load_fused  # the model layer, not the pipeline
         from exporter.model import build_model
 
-
         self.device = _torch_device(device)
         if half and self.device.type != "cuda":
             raise UserError("half precision (FP16) in PyTorch needs --device cuda; on CPU run in FP32")
-        if fuse:
+        if loaded is not None:
+            ckpt, model = loaded
+        elif fuse:
             ckpt, model = load_fused(Path(path))
         else:
             ckpt = load_checkpoint(Path(path))
@@ -43,7 +45,7 @@ class TorchBackend(Backend):
             self.model.half()
         self.info = ModelInfo(names=list(ckpt.names), stride=list(ckpt.stride), imgsz=size, nms="none",
                               precision="fp16" if half else "fp32", batch=None, source_sha256=ckpt.sha256,
-                              task=ckpt.task, nm=ckpt.nm)
+                              task=ckpt.task, nm=ckpt.nm, nkpt=ckpt.nkpt)
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         import torch

@@ -120,7 +120,7 @@ def test_cli_exit_codes(tmp_path, artifacts, capsys):
             "--no-progress"]
     with pytest.raises(SystemExit) as ok:
         bench_main(args + ["--max-map-drop", "0.5"])
-    assert ok.value.code in (0, None) and "all gates passed" in capsys.readouterr().out
+    assert ok.value.code in (0, None) and "gates passed: max-map-drop" in capsys.readouterr().out
     with pytest.raises(SystemExit) as bad:
         bench_main(args + ["--max-latency-ms", "0.001"])
     err = capsys.readouterr().err.strip()
@@ -135,10 +135,16 @@ def test_export_check_writes_report_and_applies_gates(tmp_path, monkeypatch):
 
     small = {k: v for k, v in SMALL.items() if k != "batches"}
     monkeypatch.setattr(harness, "CHECK_SETTINGS", small | {"runs": 1, "warmup": 0, "max_images": 6})
+    import exporter.loading as loading
+
+    loads = []
+    monkeypatch.setattr(loading, "load_checkpoint", lambda path, _load=loading.load_checkpoint: loads.append(path)
+                        or _load(path))
     opts = ExportOptions(checkpoint=CKPT, out_dir=tmp_path / "out", imgsz=(160, 160),
                          check=CheckOptions(enabled=True, data=JSON, max_map_drop=0.5))
     check = export(opts).reports["check"]
     assert check["passed"] and (tmp_path / "out" / "check" / "report.md").is_file()
+    assert len(loads) == 1, "--check reuses the model the export loaded and fused (the PyTorch reference)"
     assert [a["name"] for a in check["artifacts"]] == ["yolov7-tiny-shapes.pt", "yolov7-tiny-shapes.onnx"]
     opts.check.max_map_drop, opts.check.max_latency_ms = None, 0.0001
     with pytest.raises(GateFailure, match="max-latency-ms"):

@@ -62,6 +62,8 @@ class BenchConfig:
     threads: int | None = None  # CPU threads for PyTorch and ONNX Runtime (None: their defaults)
     gates: Gates = field(default_factory=Gates)
     progress: bool = True
+    reference: tuple | None = None  # (Checkpoint, fused model) already loaded from `checkpoint` (--check)
+
 
 
 @dataclass
@@ -98,7 +100,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    ref = Detector(open_backend(cfg.checkpoint, device=cfg.device, imgsz=imgsz))
+    ref = Detector(open_backend(cfg.checkpoint, device=cfg.device, imgsz=imgsz, loaded=cfg.reference))
     imgsz = tuple(ref.info.imgsz)  # the checkpoint's default when neither --img nor an artifact says
     dataset = dataset.for_model(ref.info.names)
     for p in planned:
@@ -386,8 +388,9 @@ def _threads_note(threads: int | None) -> str:
     return f"{threads} CPU thread(s) for PyTorch and ONNX Runtime" if threads else "default CPU threads"
 
 
-def check_after_export(opts, result) -> dict:
-    """`yolo7-export ... --check`: bench what the pipeline just wrote, gates from ``opts.check``."""
+def check_after_export(opts, result, reference: tuple | None = None) -> dict:
+    """`yolo7-export ... --check`: bench what the pipeline just wrote, gates from ``opts.check``;
+    ``reference``: the pipeline's loaded and fused ``(Checkpoint, model)``, the PyTorch reference (not reloaded)."""
     if opts.check.data is None:
         raise UserError("--check needs --data: a labelled set (COCO json, or images with YOLO labels)")
     artifacts = [result.onnx_path] + ([result.engine_path] if result.engine_path else [])
@@ -397,7 +400,8 @@ def check_after_export(opts, result) -> dict:
                       imgsz=tuple(result.info.imgsz) if result.info else None,
                       batches=(1, 8, 32) if opts.dynamic_batch else (opts.batch,),
                       device="cuda" if cuda else "cpu", **CHECK_SETTINGS,
-                      gates=Gates(opts.check.max_map_drop, opts.check.max_latency_ms, opts.check.min_parity_cos))
+                      gates=Gates(opts.check.max_map_drop, opts.check.max_latency_ms, opts.check.min_parity_cos),
+                      reference=reference)
     report = run_bench(cfg)
     return {"report_dir": str(cfg.out_dir), "passed": report["passed"],
             "artifacts": [{k: a.get(k) for k in ("name", "skipped", "delta_ap")} | {
