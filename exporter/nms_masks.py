@@ -62,7 +62,7 @@ class _Ops:
         return self.op("Unsqueeze", [x], {"axes": axes}, dtype=dtype)
 
 
-def append_masks(proto: onnx.ModelProto, nc: int, nm: int, imgsz: tuple[int, int]) -> onnx.ModelProto:
+def append_masks(proto: onnx.ModelProto, nc: int, nm: int, imgsz: tuple[int, int] | None = None) -> onnx.ModelProto:
     """NMS-tailed seg graph (with raw ``output``, ``protos``, ``det_indices``) -> + ``det_coefs``, ``det_masks``."""
     graph = gs.import_onnx(proto)
     outs = {t.name: t for t in graph.outputs}
@@ -74,8 +74,7 @@ def append_masks(proto: onnx.ModelProto, nc: int, nm: int, imgsz: tuple[int, int
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     o = _Ops(graph, opset)
     f32, i64 = np.float32, np.int64
-    h, w = int(imgsz[0]), int(imgsz[1])
-    hp, wp = h // 4, w // 4
+    hp, wp = (int(imgsz[0]) // 4, int(imgsz[1]) // 4) if imgsz else ("Hp", "Wp")  # shape annotations only
 
     raw = o.f32(outs[RAW_OUTPUT])  # [B,N,5+nc+nm]
     protos = o.f32(outs[PROTO_OUTPUT])  # [B,nm,Hp,Wp]
@@ -103,21 +102,30 @@ def append_masks(proto: onnx.ModelProto, nc: int, nm: int, imgsz: tuple[int, int
     valid3 = o.unsqueeze(valid, [2], dtype=np.bool_)
     det_coefs = o.op("Where", [valid3, o.op("Mul", [coef, obj]), o.const(0.0, f32)], name=DET_COEFS)  # [B,K,nm]
 
-    # masks = sigmoid(coef' @ protos) at prototype resolution
+    # masks = sigmoid(coef' @ protos) at prototype resolution; Hp, Wp read from the protos tensor, so the
+    # same tail serves --dynamic (H, W chosen at run time). Prototypes are exactly 1/4 of the input (Proto
+    # upsamples the stride-8 level by 2), so the box scale is the constant 1/4 on both axes.
+    pshape = o.op("Shape", [protos], dtype=i64)  # [4] = B, nm, Hp, Wp
+    hw_p = o.op("Slice", [pshape, o.const([2], i64), o.const([4], i64), o.const([0], i64)], dtype=i64)  # [2]
     flat_protos = o.op("Reshape", [protos, o.const([0, nm, -1], i64)])  # [B,nm,Hp*Wp]
     logits = o.op("MatMul", [det_coefs, flat_protos])  # [B,K,Hp*Wp]
     soft = o.op("Sigmoid", [logits])
     bk = o.op("Slice", [o.op("Shape", [det_coefs], dtype=i64), o.const([0], i64), o.const([2], i64),
-                        o.const([0], i64)], dtype=i64)  # [B,K]
-    mshape = o.op("Concat", [bk, o.const([hp, wp], i64)], {"axis": 0}, dtype=i64)
+                        o.const([0], i64)], dtype=i64)  # [2] = B, K
+    mshape = o.op("Concat", [bk, hw_p], {"axis": 0}, dtype=i64)
     soft = o.op("Reshape", [soft, mshape])  # [B,K,Hp,Wp]
 
-    # crop to the box scaled to prototype pixels
-    scale = o.const(np.array([wp / w, hp / h, wp / w, hp / h], f32), f32)
-    pbox = o.op("Mul", [boxes, scale])  # [B,K,4]
+    # crop to the box scaled to prototype pixels: keep (i, j) iff x1' <= j < x2' and y1' <= i < y2'
+    pbox = o.op("Mul", [boxes, o.const(np.float32(0.25), f32)])  # [B,K,4]
     x1, y1, x2, y2 = (o.unsqueeze(o.slice(pbox, k, k + 1, 2), [3]) for k in range(4))  # [B,K,1,1]
-    cols = o.const(np.arange(wp, dtype=f32).reshape(1, 1, 1, wp), f32)
-    rows_ = o.const(np.arange(hp, dtype=f32).reshape(1, 1, hp, 1), f32)
+
+    def index_line(k: int, shape: list[int]):
+        n = o.op("Gather", [pshape, o.const(k, i64)], {"axis": 0}, dtype=i64)  # scalar Hp or Wp
+        line = o.op("Cast", [o.op("Range", [o.const(0, i64), n, o.const(1, i64)], dtype=i64)],
+                    {"to": onnx.TensorProto.FLOAT})
+        return o.op("Reshape", [line, o.const(shape, i64)])
+
+    cols, rows_ = index_line(3, [1, 1, 1, -1]), index_line(2, [1, 1, -1, 1])
     b = np.bool_
     in_x = o.op("And", [o.op("Not", [o.op("Less", [cols, x1], dtype=b)], dtype=b), o.op("Less", [cols, x2], dtype=b)],
                 dtype=b)  # [B,K,1,Wp]
