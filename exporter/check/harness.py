@@ -7,7 +7,6 @@ without TensorRT or a GPU, an EfficientNMS_TRT graph in ONNX Runtime) are listed
 """
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -122,10 +121,9 @@ def run_bench(cfg: BenchConfig) -> dict:
             rows.append(_row(p, cfg) | {"skipped": p.skipped})
             log.info("skipped %s: %s", p.name, p.skipped)
             continue
-        det = Detector(open_backend(p.path, device=_device(p, cfg), **_kwargs(p, cfg)))
-        rows.append(_measure(p, det, cfg, dataset, parity_imgs, (parity_batch, ref, ref_out), ref_maps))
-        del det
-        gc.collect()
+        with Detector(open_backend(p.path, device=_device(p, cfg), **_kwargs(p, cfg))) as det:
+            rows.append(_measure(p, det, cfg, dataset, parity_imgs, (parity_batch, ref, ref_out), ref_maps))
+    ref.close()
 
     gate_rows, failures = apply_gates(rows, cfg.gates)
     report = {
@@ -158,9 +156,8 @@ def _preflight(planned: list[_Planned], cfg: BenchConfig) -> tuple[int, ...]:
         raise UserError("nothing to check on this machine: " + "; ".join(f"{p.name}: {p.skipped}" for p in planned))
     batches: set[int] = set()
     for p in runnable:
-        backend = open_backend(p.path, device=_device(p, cfg), **_kwargs(p, cfg))
-        batches.update(_batches_for(Detector(backend), cfg.batches))
-        del backend
+        with Detector(open_backend(p.path, device=_device(p, cfg), **_kwargs(p, cfg))) as det:
+            batches.update(_batches_for(det, cfg.batches))
     for p in planned:
         if p.skipped:
             log.warning("will skip %s: %s", p.name, p.skipped)
@@ -175,7 +172,7 @@ def _plan(path: Path) -> _Planned:
     if suffix == ".onnx":
         import onnx
 
-        from ..onnx_export import read_info
+        from runtimes.metadata import read_info
 
         try:
             info = read_info(onnx.load(str(path), load_external_data=False))

@@ -23,9 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -120,14 +118,13 @@ def check_disjoint(dataset, images: CalibImages) -> None:
 
 @contextlib.contextmanager
 def _detector(proto: onnx.ModelProto):
-    """An in-memory graph behind the project's ONNX Runtime backend (it reads models from files)."""
+    """An in-memory graph behind the project's ONNX Runtime backend (it takes the ModelProto: no temp file),
+    closed as soon as the measurement is done."""
     from runtimes.base import Detector
     from runtimes.onnx_backend import OnnxBackend
 
-    with tempfile.TemporaryDirectory(prefix="yolo7_int8_") as tmp:
-        path = Path(tmp) / "model.onnx"
-        onnx.save_model(proto, str(path))
-        yield Detector(OnnxBackend(path))
+    with Detector(OnnxBackend(proto)) as detector:
+        yield detector
 
 
 def _map(proto: onnx.ModelProto, dataset):
