@@ -215,8 +215,27 @@ def test_failed_build_leaves_no_engine_and_keeps_timing_cache(trt, fakes, tmp_pa
 def test_no_gpu_is_reported_before_touching_tensorrt(trt, fakes, tmp_path, monkeypatch):
     monkeypatch.setattr(trt_env, "cuda_device", lambda index=0: None)
     with pytest.raises(UserError, match="no CUDA GPU"):
-        build(tmp_path)
+        build(tmp_path, TrtOptions(enabled=True, lib="tensorrt"))
     assert fakes.calls == []
+
+
+def test_auto_library_prefers_tensorrt_on_a_gpu_host(trt, fakes, tmp_path, monkeypatch):
+    """--trt-lib auto: TensorRT 10/11 when there is a GPU (even with TensorRT-RTX installed too)."""
+    monkeypatch.setattr(trt_env, "rtx_installed", lambda: True)
+    result = build(tmp_path)
+    assert result.library == "tensorrt" and result.targets == ()
+    side = json.loads(result.sidecar_path.read_text())
+    assert side["tensorrt"]["library"] == "tensorrt" and side["targets"] == [] and side["gpu"]["name"] == GPU.name
+
+
+def test_version_compatible_with_efficient_nms_is_refused(trt, fakes, tmp_path):
+    """The EfficientNMS_TRT plugin is neither serialized into a version-compatible plan nor loadable by the lean
+    runtime: refused with the plugin-free tail named, before anything is built (review finding)."""
+    with pytest.raises(UserError, match="--version-compatible with --nms efficient.*--nms portable"):
+        build(tmp_path, TrtOptions(enabled=True, version_compatible=True), plugin=True)
+    assert "Builder.build_serialized_network" not in fakes.names()
+    assert not (tmp_path / "m.engine").exists()
+    build(tmp_path, TrtOptions(enabled=True, version_compatible=True))  # without the plugin it builds
 
 
 def test_hardware_compat_needs_ampere(trt, fakes, tmp_path, monkeypatch):

@@ -69,8 +69,9 @@ def _host_array(addr: int, shape) -> np.ndarray:
     return np.ctypeslib.as_array((ctypes.c_float * count).from_address(addr)).reshape(shape)
 
 
-def fake_engine(fakes: FakeTrt, trt):
-    """An engine images[-1,3,H,W] -> output[-1,ROWS,COLS]; output[i] = mean of image i (+ row index)."""
+def fake_engine(fakes: FakeTrt, trt, hw_dynamic: bool = False):
+    """An engine images[-1,3,H,W] -> output[-1,ROWS,COLS]; output[i] = mean of image i (+ row index).
+    ``hw_dynamic``: images[-1,3,-1,-1] (a --dynamic engine)."""
     state = {"shape": None, "addr": {}}
 
     def set_input_shape(name, shape):
@@ -86,7 +87,7 @@ def fake_engine(fakes: FakeTrt, trt):
         return True
 
     def tensor_shape(name):
-        return trt.Dims([-1, 3, H, W] if name == "images" else [-1, ROWS, COLS])
+        return trt.Dims(([-1, 3, -1, -1] if hw_dynamic else [-1, 3, H, W]) if name == "images" else [-1, ROWS, COLS])
 
     ctx = fakes.obj("IExecutionContext", set_input_shape=set_input_shape, execute_async_v3=execute,
                     set_tensor_address=lambda name, addr: state["addr"].__setitem__(name, addr) or True,
@@ -163,8 +164,8 @@ def test_infer_binds_by_name_and_returns_engine_outputs(trt, built, runtime_fake
     assert fakes.args("Runtime.deserialize_cuda_engine") == [(b"PLAN-BYTES",)]
     assert fakes.args("IExecutionContext.set_input_shape")[0] == ("images", (3, 3, H, W))
     bound = dict(fakes.args("IExecutionContext.set_tensor_address"))
-    assert bound == {"images": backend._buffers[3]["images"].data_ptr(),
-                     "output": backend._buffers[3]["output"].data_ptr()}
+    assert bound == {"images": backend._buffers[(3, 3, H, W)]["images"].data_ptr(),
+                     "output": backend._buffers[(3, 3, H, W)]["output"].data_ptr()}
     assert fakes.args("IExecutionContext.execute_async_v3") == [(CpuDevice.handle,)]
     names = fakes.names()
     assert names.index("init_libnvinfer_plugins") < names.index("Runtime.deserialize_cuda_engine")
@@ -178,7 +179,7 @@ def test_batch_sizes_get_their_own_buffers(trt, built, runtime_fakes):
     assert backend.infer(b)["output"][:, 0, 0] == pytest.approx([2.0, 2.0])
     assert backend.infer(a)["output"][0, 1, 0] == pytest.approx(2.0)  # back to batch 1: rebound, row 1 = 1 + 1
     assert [s[1][0] for s in fakes.args("IExecutionContext.set_input_shape")] == [1, 1, 2, 2, 1]
-    with pytest.raises(UserError, match="outside the engine's profile \\(batch 1..4\\)"):
+    with pytest.raises(UserError, match="outside the engine's profile \\(\\(1, 3, 32, 32\\) .. \\(4, 3, 32, 32\\)\\)"):
         backend.infer(np.zeros((5, 3, H, W), np.float32))
     with pytest.raises(UserError, match="does not fit engine input"):
         backend.infer(np.zeros((1, 3, H + 32, W), np.float32))
@@ -192,6 +193,57 @@ def test_cuda_graph_captured_after_one_warm_up_run(trt, built, runtime_fakes):
     assert backend.cuda.captures == 1 and len(fakes.args("IExecutionContext.execute_async_v3")) == 2  # warm-up, replay
     assert backend.infer(x * 3)["output"][1, 0, 0] == pytest.approx(3.0)
     assert backend.cuda.captures == 1 and len(fakes.args("IExecutionContext.execute_async_v3")) == 3  # replay only
+
+
+def test_cuda_graph_capture_failure_falls_back_to_normal_launches(trt, built, runtime_fakes, monkeypatch, caplog):
+    fakes, _ = runtime_fakes
+
+    def refuse(self, fn):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\ndetails")
+
+    monkeypatch.setattr(CpuDevice, "capture", refuse)
+    backend = trt_backend.TrtBackend(built[0].engine_path, cuda_graph=True)
+    x = np.ones((2, 3, H, W), np.float32)
+    assert backend.infer(x)["output"][:, 0, 0] == pytest.approx([1.0, 1.0])  # the inference still happens
+    assert backend.cuda_graph is False and "operation not permitted" in backend.cuda_graph_error
+    assert "CUDA graph capture failed" in caplog.text
+    assert backend.infer(x * 2)["output"][:, 0, 0] == pytest.approx([2.0, 2.0])
+    assert not backend._graphs and backend.describe()["cuda_graph"] is False
+
+
+@pytest.fixture
+def dynamic_fakes(trt, monkeypatch):
+    fakes = FakeTrt(trt)
+    engine, state = fake_engine(fakes, trt, hw_dynamic=True)
+    fakes.impl["Runtime.deserialize_cuda_engine"] = engine
+    fakes.install(monkeypatch)
+    return fakes, state
+
+
+def test_graphs_and_buffers_are_per_input_shape_never_per_batch_size(trt, built, dynamic_fakes):
+    """A --dynamic engine sees the same batch size at many (H, W): each shape gets its own buffers and graph."""
+    fakes, state = dynamic_fakes
+    backend = trt_backend.TrtBackend(built[0].engine_path, cuda_graph=True)
+    small, large = np.ones((1, 3, H, W), np.float32), np.full((1, 3, 2 * H, W), 3.0, np.float32)
+    assert backend.infer(small)["output"][0, 0, 0] == pytest.approx(1.0)
+    assert backend.infer(large)["output"][0, 0, 0] == pytest.approx(3.0)
+    assert state["shape"] == (1, 3, 2 * H, W) and backend.cuda.captures == 2
+    assert backend.infer(small * 5)["output"][0, 0, 0] == pytest.approx(5.0)  # replays the small graph
+    assert state["shape"] == (1, 3, H, W) and backend.cuda.captures == 2
+    assert set(backend._graphs) == {(1, 3, H, W), (1, 3, 2 * H, W)}
+    backend.enqueue(1)  # a batch size alone means the artifact's own size
+    assert state["shape"] == (1, 3, H, W)
+
+
+def test_buffer_and_graph_cache_is_bounded(trt, built, runtime_fakes, monkeypatch):
+    monkeypatch.setattr(trt_backend, "MAX_CACHED_SHAPES", 2)
+    backend = trt_backend.TrtBackend(built[0].engine_path, cuda_graph=True)
+    for n in (1, 2, 3, 4, 1):
+        out = backend.infer(np.full((n, 3, H, W), float(n), np.float32))["output"]
+        assert out[:, 0, 0] == pytest.approx([float(n)] * n)
+        assert len(backend._buffers) <= 2 and set(backend._graphs) <= set(backend._buffers)
+    assert list(backend._buffers) == [(4, 3, H, W), (1, 3, H, W)]  # least recently used evicted first
+    assert backend.cuda.captures == 5  # batch 1 was evicted with its graph, so it was captured again
 
 
 def test_version_mismatch_refused_before_deserializing(trt, built, runtime_fakes):

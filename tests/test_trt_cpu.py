@@ -272,8 +272,8 @@ def test_cli_trt_fails_with_one_line_and_no_engine(tmp_path):
     out = tmp_path / "out"
     exe = Path(sys.executable).with_name("yolo7-export")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "exporter.cli"]
-    proc = subprocess.run(cmd + [str(DATA / "official" / "dev_yolov7-tiny_w050_nc5.pt"), "--trt", "--img", "64",
-                                 "-o", str(out)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd + [str(DATA / "official" / "dev_yolov7-tiny_w050_nc5.pt"), "--trt", "--trt-lib",
+                                 "tensorrt", "--img", "64", "-o", str(out)], capture_output=True, text=True, timeout=120)
     try:
         import tensorrt  # noqa: F401
         has_trt = True
@@ -286,6 +286,87 @@ def test_cli_trt_fails_with_one_line_and_no_engine(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert ("TensorRT is not installed" in lines[0]) if not has_trt else ("GPU" in lines[0] or "TensorRT" in lines[0])
     assert not out.exists() or not [p for p in out.rglob("*") if p.suffix in (".engine", ".partial", ".json")]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nms", "efficient", "--iou", "0"], "--iou 0.0: EfficientNMS_TRT needs an IoU threshold > 0"),
+    (["--nms", "efficient", "--topk", "1", "--iou", "0.0"], "IoU threshold > 0"),
+    (["--trt-arch", "sm90", "--trt"], "--trt-arch 'sm90': expected compute capabilities among"),
+    (["--trt-arch", "sm86"], "--trt-arch needs --trt"),
+    (["--min-img", "64"], "--min-img/--max-img need --dynamic"),
+    (["--dynamic", "--img", "128", "--min-img", "256"], "--dynamic needs --min-img 256x256 <= --img 128x128"),
+    (["--dynamic", "--img", "128", "--max-img", "100"], "image size 100 is not a multiple"),
+])
+def test_cli_refuses_bad_values_before_export(tmp_path, args, message):
+    """Values EfficientNMS_TRT or the profile would reject fail at the command line (exit 2, one line, nothing
+    written), not as a TensorRT parse error after the export."""
+    from exporter.cli import main
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", "import sys; from exporter.cli import main; main(sys.argv[1:])",
+                           str(DATA / "official" / "dev_yolov7-tiny_w050_nc5.pt"), "--img", "64", "-o", str(out),
+                           *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert main is not None
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "exporting" not in proc.stderr  # refused before the export
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_rtx_compat_checks_library_version_and_targets():
+    side = {"tensorrt": {"library": "tensorrt-rtx", "version": "1.7.1.116"}, "targets": ["sm86", "sm89"],
+            "gpu": None, "build": {}}
+    rtx4090 = trt_env.CudaDevice("NVIDIA GeForce RTX 4090", (8, 9))
+    assert trt_backend.check_compat(side, "1.7.1.116", rtx4090, "m.engine", "tensorrt-rtx") == []
+    with pytest.raises(UserError, match="built by TensorRT-RTX 1.7.1.116, and this runtime loaded TensorRT "
+                                        "10.16.1.11: rebuild it with yolo7-export CHECKPOINT --trt --trt-lib tensorrt"):
+        trt_backend.check_compat(side, "10.16.1.11", rtx4090, "m.engine", "tensorrt")
+    with pytest.raises(UserError, match="built by TensorRT 10.16.1.11, and this runtime loaded TensorRT-RTX"):
+        trt_backend.check_compat(sidecar(), "1.7.1.116", A10, "m.engine", "tensorrt-rtx")
+    with pytest.raises(UserError, match="TensorRT-RTX 1.7.1.116, this machine has TensorRT-RTX 1.8.0.1"):
+        trt_backend.check_compat(side, "1.8.0.1", rtx4090, "m.engine", "tensorrt-rtx")
+    rtx5090 = trt_env.CudaDevice("NVIDIA GeForce RTX 5090", (12, 0))
+    with pytest.raises(UserError) as err:
+        trt_backend.check_compat(side, "1.7.1.116", rtx5090, "m.engine", "tensorrt-rtx")
+    assert str(err.value) == ("engine m.engine was built for sm86,sm89, NVIDIA GeForce RTX 5090 is sm120: rebuild it "
+                              "with yolo7-export CHECKPOINT --trt --trt-lib rtx --trt-arch sm120")
+
+
+def test_trt_backend_names_the_missing_library(tmp_path, monkeypatch):
+    """An RTX engine on a machine without TensorRT-RTX: one line naming the install and the rebuild."""
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"plan")
+    side = sidecar()
+    side["tensorrt"] = {"library": "tensorrt-rtx", "version": "1.7.1.116"}
+    trt_env.sidecar_path(engine).write_text(json.dumps(side))
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx_bindings", None)
+    with pytest.raises(UserError, match="m.engine was built by TensorRT-RTX 1.7.1.116: TensorRT-RTX is not "
+                                        "installed.*or rebuild it with yolo7-export CHECKPOINT --trt --trt-lib tensorrt"):
+        trt_backend.TrtBackend(engine)
+
+
+def test_build_on_cpu_torch_warns_that_running_needs_cuda(monkeypatch, caplog):
+    import torch
+
+    from exporter.trt_build import warn_if_cannot_run
+
+    monkeypatch.setattr(torch.version, "cuda", None)
+    warn_if_cannot_run()
+    assert "CPU build" in caplog.text and "needs a CUDA build of torch" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    warn_if_cannot_run()
+    assert caplog.text == ""
+
+
+def test_parse_arch():
+    from exporter.trt_build import parse_arch
+
+    assert parse_arch("sm86,sm89, sm120") == ("sm86", "sm89", "sm120")
+    assert parse_arch("8.6,86,sm_86") == ("sm86",)
+    assert parse_arch("all") == trt_env.RTX_TARGETS and parse_arch(None) is None
+    with pytest.raises(UserError, match="--trt-arch 'sm90'"):
+        parse_arch("sm86,sm90")
 
 
 # ---------------------------------------------------------------- benchmarks/gpu_suite.py on a machine without GPU
