@@ -2,6 +2,7 @@
 live in the bottom layer (runtimes/files.py) and are re-exported here."""
 from __future__ import annotations
 
+import json
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class Manifest:
     flags: dict
     outputs: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    previous: dict | None = None  # the folder's manifest before this run (invalidate_manifest), for earlier_outputs
 
     def add_output(self, path: Path, kind: str, name: str | None = None, **details) -> None:
         """Record an output; ``name`` is its path relative to the manifest (default: the file name)."""
@@ -44,9 +46,28 @@ class Manifest:
 
     def write(self, out_dir: Path) -> Path:
         final = Path(out_dir) / "manifest.json"
+        earlier = self.earlier_outputs(Path(out_dir))
         write_json_atomic(final, {"tool": "yolo7-export", "input": {"path": self.input_path, "sha256": self.input_sha256},
-                                  "flags": self.flags, "versions": versions(), "outputs": self.outputs, **self.extra})
+                                  "flags": self.flags, "versions": versions(), "outputs": self.outputs, **self.extra,
+                                  **({"earlier_outputs": earlier} if earlier else {})})
         return final
+
+    def earlier_outputs(self, out_dir: Path) -> list[dict]:
+        """Artifacts of earlier runs into this folder (other precisions or checkpoints) that are still there,
+        byte for byte, each with the input and flags of the run that made it: every file of the folder stays
+        in its manifest, and an entry whose file changed or vanished is dropped rather than kept wrong."""
+        prev = self.previous or {}
+        mine = {o["path"] for o in self.outputs}
+        candidates = [dict(o, input=prev.get("input"), flags=prev.get("flags")) for o in prev.get("outputs", [])]
+        candidates += prev.get("earlier_outputs", [])
+        kept = []
+        for entry in candidates:
+            path = Path(out_dir) / str(entry.get("path", ""))
+            if entry.get("path") in mine or not path.is_file() or any(k["path"] == entry["path"] for k in kept):
+                continue
+            if sha256_file(path) == entry.get("sha256"):
+                kept.append(entry)
+        return kept
 
 
 SETTINGS_KEYS = ("imgsz", "batch", "dynamic_hw", "nms", "nms_params", "precision", "task")
@@ -64,8 +85,6 @@ def refuse_replacing(path: Path, settings: dict, overwrite: bool = False) -> Non
     """
     if overwrite or not Path(path).is_file():
         return
-    import json
-
     import onnx
 
     from runtimes.metadata import read_info
@@ -85,14 +104,21 @@ def refuse_replacing(path: Path, settings: dict, overwrite: bool = False) -> Non
                         f"--overwrite to replace it")
 
 
-def invalidate_manifest(out_dir: Path) -> None:
+def invalidate_manifest(out_dir: Path) -> dict | None:
     """Remove the folder's manifest.json before the first output is renamed into place.
 
     The manifest is written last; a run killed between its outputs' renames and the manifest's would
     otherwise leave the previous run's manifest describing files that are no longer there. No manifest
-    is honest (the run did not finish); a wrong one is not.
+    is honest (the run did not finish); a wrong one is not. Returns the previous manifest (its still
+    intact outputs are carried over as ``earlier_outputs``).
     """
+    path = Path(out_dir) / "manifest.json"
     try:
-        (Path(out_dir) / "manifest.json").unlink()
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        previous = None
+    try:
+        path.unlink()
     except FileNotFoundError:
         pass
+    return previous if isinstance(previous, dict) else None

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from runtimes.cli_common import invoke, join_img_args, parse_imgsz, run_cli  # noqa: F401 - shared by the CLIs
+from runtimes.contract import HARDWARE_COMPAT, NMS_MODES
 from runtimes.cli_common import positive as _positive, unit_interval as _unit_interval
 
 from .errors import UserError
@@ -61,7 +62,7 @@ def refuse_ignored_options(present: dict[str, bool]) -> None:
 @click.option("--max-img", metavar="H [W]", default=None, help="(--dynamic) Largest input size [default: --img].")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset.")
 @click.option("--simplify/--no-simplify", default=True, show_default=True, help="Constant-fold and clean the graph (onnxslim).")
-@click.option("--nms", type=click.Choice(["auto", "none", "efficient", "onnx", "portable"]), default="auto",
+@click.option("--nms", type=click.Choice(["auto", *NMS_MODES]), default="auto",
               show_default=True,
               help="NMS tail: portable = exact greedy NMS from standard ops (TensorRT 10/11/RTX, any ONNX runtime, "
                    "returns det_indices); efficient = TensorRT EfficientNMS_TRT plugin; onnx = standard "
@@ -103,7 +104,7 @@ def refuse_ignored_options(present: dict[str, bool]) -> None:
 @click.option("--opt-level", type=click.IntRange(0, 5), default=None, help="TensorRT builder optimization level.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="TensorRT timing cache (loaded and saved).")
 @click.option("--version-compatible", is_flag=True, help="Engine runs on later TensorRT versions (lean runtime).")
-@click.option("--hardware-compat", type=click.Choice(["none", "ampere+"]), default="none", show_default=True)
+@click.option("--hardware-compat", type=click.Choice(HARDWARE_COMPAT), default="none", show_default=True)
 @click.option("--check", "do_check", is_flag=True, help="Check the artifacts against PyTorch and write the report.")
 @click.option("--max-map-drop", type=float, default=None, metavar="AP", help="(--check) gate: max mAP50-95 drop vs PyTorch.")
 @click.option("--max-latency-ms", type=float, default=None, help="(--check) gate: max median latency.")
@@ -162,14 +163,17 @@ def export_command(checkpoint, out_dir, img, batch, dynamic_batch, opset, simpli
                                max_drop=int8_max_drop, eval_data=data),
             trt=TrtOptions(enabled=trt, max_batch=max_batch, workspace_gib=workspace, opt_level=opt_level, timing_cache=timing_cache,
                            version_compatible=version_compatible, lib=trt_lib, arch=arch,
-                           hardware_compat=None if hardware_compat == "none" else hardware_compat),
+                           hardware_compat=hardware_compat),
             check=CheckOptions(enabled=do_check, data=data, max_map_drop=max_map_drop, max_latency_ms=max_latency_ms,
                                min_parity_cos=min_parity_cos),
             triton=triton, overwrite=overwrite,
         )
+        from runtimes.files import scratch_in
+
         from .pipeline import run
 
-        result = run(opts)
+        with scratch_in(out_dir):  # temp folders inside -o: a killed run's are removed by the next one there
+            result = run(opts)
         click.echo(f"done: {result.onnx_path}" + (f", {result.engine_path}" if result.engine_path else "")
                    + f" (manifest: {result.manifest_path})")
 

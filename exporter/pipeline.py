@@ -127,7 +127,7 @@ def run(opts: ExportOptions) -> PipelineResult:
 
     out_dir = Path(opts.out_dir)
     onnx_path = out_dir / f"{artifact_stem(opts)}.onnx"
-    invalidate_manifest(out_dir)  # a kill from here until manifest.write leaves no manifest, never a stale one
+    manifest.previous = invalidate_manifest(out_dir)  # a kill until manifest.write: no manifest, never a stale one
     write_bytes_atomic(onnx_path, proto.SerializeToString())
     manifest.add_output(onnx_path, "onnx", precision=info.precision, nms=info.nms, nodes=len(proto.graph.node))
     log.info("wrote %s (%d nodes, %.1f MB)", onnx_path, len(proto.graph.node), onnx_path.stat().st_size / 1e6)

@@ -69,6 +69,33 @@ def clean_stale_partials(folder: Path) -> list[Path]:
 
 
 @contextmanager
+def scratch_in(folder: Path) -> Iterator[Path]:
+    """Route every ``tempfile`` scratch folder of a command (calibration, AutoCast, Q/DQ placement, TensorRT
+    parsing) into one ``.scratch.<pid>.<random>.partial`` folder inside ``folder``, removed at the end.
+
+    The stages use plain ``tempfile.TemporaryDirectory``, which cleans up on errors but not after kill -9:
+    the system temp dir then kept ``yolo7_qdq_*`` / ``yolo7_calib_*`` folders forever. Inside the output
+    folder they are ``.partial`` debris that the next run there removes (clean_stale_partials); they also
+    land on the output's filesystem instead of a possibly small /tmp. Process-wide (``tempfile.tempdir``):
+    for the CLIs, one command per process. A folder created here and left empty is removed again.
+    """
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    clean_stale_partials(folder)
+    scratch = Path(tempfile.mkdtemp(prefix=partial_prefix("scratch"), suffix=PARTIAL, dir=folder))
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(scratch)
+    try:
+        yield scratch
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(scratch, ignore_errors=True)
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+@contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temp path beside ``final``; rename it into place only if the block succeeds.
 

@@ -176,3 +176,36 @@ def test_bench_says_what_was_checked_and_skipped(tmp_path, made, capsys):
         main(args + ["--max-map-drop", "5"])
     err = capsys.readouterr().err
     assert gated.value.code == 3 and "eff/yolov7-tiny-shapes.onnx was not checked" in err
+
+
+def test_scratch_folders_live_inside_the_output_folder(tmp_path):
+    import tempfile
+
+    from runtimes.files import scratch_in
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    out = tmp_path / "out"
+    (out / f".scratch.{dead}.k9.partial" / "yolo7_qdq_x").mkdir(parents=True)  # what kill -9 left
+    before = tempfile.gettempdir()
+    with scratch_in(out) as scratch:
+        with tempfile.TemporaryDirectory(prefix="yolo7_calib_") as tmp:  # what the INT8 stages do
+            assert Path(tmp).parent == scratch and scratch.parent == out
+        assert sorted(p.name for p in out.iterdir()) == [scratch.name]  # the killed run's folder is gone
+    assert tempfile.gettempdir() == before and list(out.iterdir()) == []  # nothing left
+    with scratch_in(tmp_path / "fresh"):
+        pass
+    assert not (tmp_path / "fresh").exists()  # a folder made only for scratch space is removed again
+
+
+def test_manifest_keeps_earlier_runs_outputs_that_are_still_intact(tmp_path):
+    out = tmp_path / "out"
+    export(ExportOptions(checkpoint=CKPT, out_dir=out, imgsz=(160, 160)))
+    export(ExportOptions(checkpoint=CKPT, out_dir=out, imgsz=(160, 160), precision="fp16"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [o["path"] for o in manifest["outputs"]] == ["yolov7-tiny-shapes.fp16.onnx"]
+    earlier = manifest["earlier_outputs"]
+    assert [e["path"] for e in earlier] == ["yolov7-tiny-shapes.onnx"] and earlier[0]["flags"]["precision"] == "fp32"
+    (out / "yolov7-tiny-shapes.onnx").write_bytes(b"changed by hand")
+    export(ExportOptions(checkpoint=CKPT, out_dir=out, imgsz=(160, 160), precision="fp16"))
+    assert "earlier_outputs" not in json.loads((out / "manifest.json").read_text())  # never a wrong entry
