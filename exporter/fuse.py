@@ -2,7 +2,9 @@
 
 * Conv + BatchNorm -> one conv with bias;
 * RepConv's 3x3, 1x1 and identity branches -> one 3x3 conv;
-* ImplicitA / ImplicitM -> folded into the head convs (IDetect/IAuxDetect become Detect);
+* ImplicitA / ImplicitM -> folded into the head convs (IDetect/IAuxDetect become Detect); the seg head
+  (ISegment) folds ImplicitA only, because its official forward never applies ImplicitM; the pose head
+  (IKeypoint) folds both into its detection conv (its keypoint branch has none);
 * P6 IAuxDetect: the auxiliary heads and every layer that only fed them are removed.
 
 The result computes the same function as the unfused model (up to float rounding; see tests).
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import heads, modules
+from . import heads, heads_keypoint, heads_segment, modules
 from .model import YoloModel, _Pruned
 
 
@@ -64,6 +66,10 @@ def fuse_model(model: YoloModel) -> FuseReport:
         new_head.i, new_head.f, new_head.type = head.i, head.f, "Detect"
         model.model[-1] = new_head
         report.implicit_heads += 1
+    if isinstance(head, heads_segment.ISegment) and head.fold_implicit():  # ImplicitA only (see heads_segment)
+        report.implicit_heads += 1
+    if isinstance(head, heads_keypoint.IKeypoint) and head.fold_implicit():  # det conv only; the official fuse
+        report.implicit_heads += 1                                          # leaves them (heads_keypoint)
     for module in model.modules():
         if isinstance(module, modules.Conv) and isinstance(module.bn, nn.BatchNorm2d):
             module.fuse()

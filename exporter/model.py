@@ -14,14 +14,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import heads, modules
+from . import heads, heads_keypoint, heads_segment, modules
 from .checkpoint import Checkpoint
 from .errors import UserError
 
 _CHANNEL_MODULES = {"Conv": modules.Conv, "RepConv": modules.RepConv, "DownC": modules.DownC,
                     "SPPCSPC": modules.SPPCSPC}
 _REPEAT_ARG_MODULES = {"DownC", "SPPCSPC"}  # the official parser inserts `n` as their third argument
-_HEADS = {"Detect": heads.Detect, "IDetect": heads.IDetect, "IAuxDetect": heads.IAuxDetect}
+_HEADS = {"Detect": heads.Detect, "IDetect": heads.IDetect, "IAuxDetect": heads.IAuxDetect,
+          "ISegment": heads_segment.ISegment, "IKeypoint": heads_keypoint.IKeypoint}
+_SEG_HEADS = {"ISegment"}  # yaml args [nc, anchors, nm, npr]; npr scaled by width like the official parser
 _SIMPLE = {"MP": modules.MP, "SP": modules.SP, "ReOrg": modules.ReOrg, "Concat": modules.Concat,
            "Shortcut": modules.Shortcut, "nn.Upsample": nn.Upsample}
 _ACTIVATIONS = {"nn.SiLU": nn.SiLU, "nn.LeakyReLU": nn.LeakyReLU, "nn.ReLU": nn.ReLU, "nn.Identity": nn.Identity,
@@ -61,6 +63,8 @@ class BuildSpec:
     anchors_px: list
     stride: list[float]
     bn_eps: float = 1e-3
+    nkpt: int = 0  # keypoints per anchor (pose head)
+    dw_conv_kpt: bool = False  # pose head: depth-wise keypoint branch instead of one 1x1 conv
 
 
 class YoloModel(nn.Module):
@@ -108,8 +112,29 @@ class _Pruned(nn.Module):
         raise RuntimeError("pruned layer called")
 
 
+# Bounds on what a checkpoint's yaml may ask us to build (official: <= ~200 rows, n <= 9, <= 1280 channels,
+# depth/width multiples <= 1.33). Checked before any module exists; a yaml asking for 1e8 repeats or 1e6
+# channels ran for minutes at 7 GB before these.
+MAX_ROWS, MAX_REPEATS, MAX_TOTAL_REPEATS, MAX_CHANNELS, MAX_MULTIPLE = 1000, 64, 4000, 16384, 8.0
+
+
+def _bounded(value, lo: float, hi: float, what: str, integer: bool = True):
+    ok = (type(value) is int) if integer else (isinstance(value, (int, float)) and not isinstance(value, bool))
+    if not ok or not (lo <= value <= hi) or value != value:
+        kind = "an integer" if integer else "a number"
+        raise UserError(f"checkpoint yaml: {what} is {value!r}; expected {kind} in {lo:g}..{hi:g}")
+    return value
+
+
 def _parse(cfg: dict, spec: BuildSpec) -> tuple[list[nn.Module], list[int]]:
-    gd, gw = float(cfg.get("depth_multiple", 1.0)), float(cfg.get("width_multiple", 1.0))
+    gd = _bounded(cfg.get("depth_multiple", 1.0), 1e-3, MAX_MULTIPLE, "depth_multiple", integer=False)
+    gw = _bounded(cfg.get("width_multiple", 1.0), 1e-3, MAX_MULTIPLE, "width_multiple", integer=False)
+    gd, gw = float(gd), float(gw)
+    _bounded(cfg.get("ch", 3), 1, 64, "ch (input channels)")
+    if not isinstance(cfg["backbone"], list) or not isinstance(cfg["head"], list) \
+            or not 1 <= len(cfg["backbone"]) + len(cfg["head"]) <= MAX_ROWS:
+        raise UserError(f"checkpoint yaml: backbone + head must be lists of 1..{MAX_ROWS} rows")
+    total_repeats = 0
     na = len(spec.anchors_px[0])
     no = na * (spec.nc + 5)
     ch = [int(cfg.get("ch", 3))]
@@ -122,10 +147,17 @@ def _parse(cfg: dict, spec: BuildSpec) -> tuple[list[nn.Module], list[int]]:
         if name not in SUPPORTED_MODULES:
             raise UserError(f"unsupported module '{name}' in layer {i} of the checkpoint's yaml: not a YOLOv7 "
                             f"model (supported: {', '.join(SUPPORTED_MODULES)})")
+        if not isinstance(args, list):
+            raise UserError(f"checkpoint yaml: layer {i} has args {str(args)[:60]}, not a list")
         args = [_resolve_arg(a, spec.nc, spec.anchors_px) for a in args]
+        n = _bounded(n, 1, MAX_REPEATS, f"layer {i} repeat count")
         n = max(round(n * gd), 1) if n > 1 else n
+        total_repeats += _bounded(n, 1, MAX_REPEATS, f"layer {i} repeat count x depth_multiple")
+        if total_repeats > MAX_TOTAL_REPEATS:
+            raise UserError(f"checkpoint yaml: more than {MAX_TOTAL_REPEATS} modules in total")
         if name in _CHANNEL_MODULES:
             c1, c2 = ch[f], args[0]
+            _bounded(c2, 1, MAX_CHANNELS, f"layer {i} output channels")
             if c2 != no:
                 c2 = make_divisible(c2 * gw, 8)
             args = [c1, c2, *args[1:]]
@@ -137,7 +169,15 @@ def _parse(cfg: dict, spec: BuildSpec) -> tuple[list[nn.Module], list[int]]:
         elif name in _HEADS:
             c2 = None
             ch_in = [ch[x] for x in f]
-            build = lambda: _HEADS[name](spec.nc, spec.anchors_px, ch_in, spec.stride)  # noqa: E731
+            if name in _SEG_HEADS:
+                nm, npr = int(args[2]), make_divisible(int(args[3]) * gw, 8)
+                build = lambda: _HEADS[name](spec.nc, spec.anchors_px, nm, npr, ch_in, spec.stride,  # noqa: E731
+                                             bn_eps=spec.bn_eps)
+            elif name == "IKeypoint":  # yaml args [nc, anchors, nkpt]; nkpt/dw_conv_kpt come from the checkpoint
+                build = lambda: _HEADS[name](spec.nc, spec.anchors_px, ch_in, spec.stride, nkpt=spec.nkpt,  # noqa: E731
+                                             dw_conv_kpt=spec.dw_conv_kpt, bn_eps=spec.bn_eps)
+            else:
+                build = lambda: _HEADS[name](spec.nc, spec.anchors_px, ch_in, spec.stride)  # noqa: E731
         else:
             if name == "Concat":
                 c2 = sum(ch[x] for x in f)
@@ -170,16 +210,46 @@ def _adapt_layout(model: YoloModel, state: dict[str, torch.Tensor]) -> None:
 
 def build_model(ckpt: Checkpoint) -> YoloModel:
     """Build our model from the checkpoint's yaml and load its (fp32) weights; eval mode."""
-    spec = BuildSpec(nc=ckpt.nc, anchors_px=ckpt.anchors_px, stride=ckpt.stride, bn_eps=ckpt.bn_eps)
+    spec = BuildSpec(nc=ckpt.nc, anchors_px=ckpt.anchors_px, stride=ckpt.stride, bn_eps=ckpt.bn_eps,
+                     nkpt=ckpt.nkpt, dw_conv_kpt=ckpt.dw_conv_kpt)
+    state = {k: v for k, v in ckpt.state_dict.items() if not k.endswith(".anchors")}
     try:
+        with torch.device("meta"):  # first on the meta device: nothing is allocated until the yaml fits the weights
+            probe = YoloModel(ckpt.yaml, spec)
+            _check_fit(probe, state, ckpt.head_type)
+            _check_strides(probe, spec.stride, int(ckpt.yaml.get("ch", 3)))
         model = YoloModel(ckpt.yaml, spec)
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"could not rebuild the network from the checkpoint's yaml: {type(exc).__name__}: {exc}") from exc
-    if type(model.head).__name__ != ckpt.head_type:
-        raise UserError(f"yaml head '{type(model.head).__name__}' does not match the pickled head '{ckpt.head_type}'")
-    state = {k: v for k, v in ckpt.state_dict.items() if not k.endswith(".anchors")}
+        msg = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"could not rebuild the network from the checkpoint's yaml: {type(exc).__name__}: {msg}") from exc
+    _check_fit(model, state, ckpt.head_type)
+    model.load_state_dict(state, strict=False)
+    model.names = list(ckpt.names)
+    return model.float().eval()
+
+
+def _check_strides(probe: YoloModel, stride: list[float], ch: int) -> None:
+    """The yaml's layers must downsample each head input by the pickled Detect stride (meta tensors only).
+
+    Catches a conv stride of 0, a pooling or upsampling factor that does not fit, and a pickled stride
+    that disagrees with the architecture, before anything runs on real data.
+    """
+    side = 4 * int(max(stride))
+    feats = probe._features(torch.empty(1, ch, side, side, device="meta"))
+    for i, s in enumerate(stride):
+        if i >= len(feats) or tuple(feats[i].shape[-2:]) != (side // int(s), side // int(s)):
+            got = tuple(feats[i].shape[-2:]) if i < len(feats) else None
+            raise UserError(f"checkpoint yaml: head input {i} of a {side}x{side} image is {got}, but the Detect "
+                            f"stride {s:g} needs {(side // int(s),) * 2} (a stride, pooling or upsampling in the yaml "
+                            "does not match the checkpoint)")
+
+
+def _check_fit(model: YoloModel, state: dict[str, torch.Tensor], head_type: str) -> None:
+    """The checkpoint's tensors must be exactly the model's (names and shapes)."""
+    if type(model.head).__name__ != head_type:
+        raise UserError(f"yaml head '{type(model.head).__name__}' does not match the pickled head '{head_type}'")
     _adapt_layout(model, state)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
@@ -192,6 +262,3 @@ def build_model(ckpt: Checkpoint) -> YoloModel:
         if key in state and tuple(tensor.shape) != tuple(state[key].shape):
             raise UserError(f"checkpoint weights do not fit the architecture in its yaml: {key} has shape "
                             f"{tuple(state[key].shape)}, the yaml expects {tuple(tensor.shape)}")
-    model.load_state_dict(state, strict=False)
-    model.names = list(ckpt.names)
-    return model.float().eval()

@@ -57,8 +57,48 @@ def render_markdown(report: dict) -> str:
                      f"{_f(lat['fps'] if lat else None, '.1f')} |")
     lines += ["", "Δ AP: mAP50-95 difference to the PyTorch reference in AP points (x100). p50 ms and FPS: model "
               "only (backend call on a letterboxed batch) at the smallest batch measured; FPS = images/s.", ""]
-    lines += _latency_table(report) + _parity_table(report) + _gates(report) + _notes(report)
+    lines += _latency_table(report) + _parity_table(report) + _mask_table(report) + _keypoint_table(report) + _gates(report) + _notes(report)
     return "\n".join(lines) + "\n"
+
+
+def _mask_table(report: dict) -> list[str]:
+    """Segmentation artifacts: mask mAP (COCO segm) beside box mAP from the same run, and mask parity."""
+    rows = [a for a in report["artifacts"] if a.get("mask") or a.get("mask_parity")]
+    if not rows:
+        return []
+    out = ["## Instance masks", "",
+           "| artifact | mask mAP50-95 | mask mAP50 | box mAP50-95 | box mAP50 | masks matched | mean mask IoU | "
+           "min mask IoU | IoU >= 0.99 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for a in rows:
+        m, p = a.get("mask") or {}, a.get("mask_parity") or {}
+        matched = f"{p['matched']}/{p['n_reference']}" if p else "ref" if a.get("reference") else "–"
+        share = p.get("share_iou_099")
+        out.append(f"| {a['name']} | {_f(m.get('mask_map50_95'))} | {_f(m.get('mask_map50'))} | "
+                   f"{_f(m.get('box_map50_95'))} | {_f(m.get('box_map50'))} | {matched} | {_f(p.get('mean_iou'), '.4f')} | "
+                   f"{_f(p.get('min_iou'), '.4f')} | {_f(None if share is None else 100 * share, '.1f')}{'%' if p else ''} |")
+    return out + ["", "Mask mAP: COCO segm (faster-coco-eval) with the official seg val.py protocol (conf 0.001, "
+                  "IoU 0.6, multi-label, 300 detections); masks cropped at prototype resolution, upsampled, mapped "
+                  "to the image. Mask parity: IoU of the masks of detections matched to PyTorch's (same class, box "
+                  "IoU >= 0.9).", ""]
+
+
+def _keypoint_table(report: dict) -> list[str]:
+    """Pose artifacts: COCO keypoint AP (OKS) and keypoint parity with PyTorch (check/keypoints.py)."""
+    rows = [a for a in report["artifacts"] if a.get("keypoints")]
+    if not rows:
+        return []
+    out = ["## Keypoints", "",
+           "| artifact | keypoint AP50-95 | keypoint AP50 | OKS sigmas | kpts matched | max px | mean px | "
+           "visibility max abs |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for a in rows:
+        ap, par = a["keypoints"].get("ap") or {}, a["keypoints"].get("parity") or {}
+        matched = f"{par['matched']}/{par['n_reference']}" if par else "ref" if a.get("reference") else "–"
+        out.append(f"| {a['name']} | {_f(ap.get('ap50_95'))} | {_f(ap.get('ap50'))} | {ap.get('sigmas', '–')} | "
+                   f"{matched} | {_f(par.get('max_px'), '.4g')} | {_f(par.get('mean_px'), '.3g')} | "
+                   f"{_f(par.get('visibility_max_abs'), '.3g')} |")
+    return out + ["", "Keypoint AP: COCO keypoints evaluation (OKS) by faster-coco-eval on the labelled set's keypoints, "
+                  "same NMS protocol as the box mAP. Parity: keypoints of detections matched to PyTorch's (same class, "
+                  "box IoU >= 0.9) on the parity batch; position error in input pixels.", ""]
 
 
 def _latency_table(report: dict) -> list[str]:
