@@ -4,6 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import Literal
+
+from runtimes.contract import HardwareCompat, NmsMode, Precision
+
 from .onnx_export import DEFAULT_OPSET
 
 
@@ -11,7 +15,7 @@ from .onnx_export import DEFAULT_OPSET
 class NmsOptions:
     """The NMS tail appended to the graph (nms_tail.py)."""
 
-    mode: str = "none"  # none | efficient | onnx | portable (| auto, resolved by pipeline.resolve_nms_mode)
+    mode: NmsMode | Literal["auto"] = "none"  # auto: resolved by pipeline.resolve_nms_mode
     conf: float = 0.25
     iou: float = 0.45
     topk: int = 100  # max detections per image (K)
@@ -29,7 +33,7 @@ class CalibOptions:
 
     source: Path | None = None  # folder, list file or COCO json
     num_images: int = 512
-    method: str = "percentile"  # percentile | max | entropy (precision/calibrate.py says why percentile)
+    method: Literal["percentile", "max", "entropy"] = "percentile"  # precision/calibrate.py says why percentile
     cache: Path | None = None
     max_drop: float | None = None  # --int8-max-drop (AP points, mAP50-95 x 100)
     eval_data: Path | None = None  # labelled set for --int8-max-drop (defaults to the calibration source)
@@ -44,7 +48,7 @@ class TrtOptions:
     opt_level: int | None = None
     timing_cache: Path | None = None
     version_compatible: bool = False
-    hardware_compat: str | None = None  # None | 'ampere+'
+    hardware_compat: HardwareCompat = "none"  # one spelling: "none", never None
     opt_batch: int | None = None
     max_batch: int | None = None
     lib: str = "auto"  # --trt-lib auto | tensorrt | rtx; preflight() resolves 'auto' to the library it found
@@ -74,7 +78,7 @@ class ExportOptions:
     max_imgsz: tuple[int, int] | None = None  # --max-img; default: --img
     opset: int = DEFAULT_OPSET
     simplify: bool = True
-    precision: str = "fp32"  # fp32 | fp16 | int8
+    precision: Precision = "fp32"
     nms: NmsOptions = field(default_factory=NmsOptions)
     calib: CalibOptions = field(default_factory=CalibOptions)
     trt: TrtOptions = field(default_factory=TrtOptions)

@@ -115,7 +115,7 @@ def parse_arch(value: str | None) -> tuple[str, ...] | None:
 
 def check_options(opts: TrtOptions) -> None:
     """Option errors that need no TensorRT: reported before any export work."""
-    if opts.hardware_compat not in (None, "none", *HARDWARE_COMPAT):
+    if opts.hardware_compat not in ("none", *HARDWARE_COMPAT):
         raise UserError(f"--hardware-compat {opts.hardware_compat!r}: expected one of none, {', '.join(HARDWARE_COMPAT)}")
     if opts.workspace_gib is not None and not opts.workspace_gib > 0:
         raise UserError(f"--workspace must be > 0 GiB (got {opts.workspace_gib})")
@@ -168,7 +168,7 @@ def preflight(opts: TrtOptions):
     opts.lib = "rtx" if trt_env.is_rtx(trt) else "tensorrt"
     check_options(opts)  # --trt-arch with a library resolved from auto
     if opts.lib == "rtx":
-        if opts.hardware_compat not in (None, "none"):
+        if opts.hardware_compat != "none":
             raise UserError("--hardware-compat is a TensorRT 10/11 option; with TensorRT-RTX name the target GPUs "
                             "with --trt-arch")
         resolve_targets(trt, opts.arch, announce=False)
@@ -280,7 +280,7 @@ def trtexec_command(onnx_path: Path, engine_path: Path, opts: TrtOptions, profil
         args.append(f"--timingCacheFile={opts.timing_cache}")
     if opts.version_compatible:
         args.append("--versionCompatible")
-    if opts.hardware_compat not in (None, "none"):
+    if opts.hardware_compat != "none":
         args.append(f"--hardwareCompatibilityLevel={opts.hardware_compat}")
     return shlex.join(args)
 
@@ -331,7 +331,7 @@ def _configure(trt, builder, network, config, opts: TrtOptions, profiles: list[P
         config.builder_optimization_level = int(opts.opt_level)
     if opts.version_compatible:
         config.set_flag(trt_env.require_attr(trt, "BuilderFlag.VERSION_COMPATIBLE", "--version-compatible"))
-    if opts.hardware_compat not in (None, "none"):
+    if opts.hardware_compat != "none":
         member = HARDWARE_COMPAT[opts.hardware_compat]
         config.hardware_compatibility_level = trt_env.require_attr(
             trt, f"HardwareCompatibilityLevel.{member}", f"--hardware-compat {opts.hardware_compat}")
@@ -407,7 +407,7 @@ def build_plan(source: bytes | Path, *, lib: str = "auto", opts: TrtOptions | No
     rtx = trt_env.is_rtx(trt)
     device = None
     if rtx:
-        if opts.hardware_compat not in (None, "none"):
+        if opts.hardware_compat != "none":
             raise UserError("--hardware-compat is a TensorRT 10/11 option; with TensorRT-RTX name the target GPUs "
                             "with --trt-arch")
         chosen = resolve_targets(trt, tuple(targets) if targets else opts.arch)
@@ -505,7 +505,7 @@ def build_engine(onnx_path: Path, engine_path: Path, info: ModelInfo, opts: TrtO
         "build": {"strongly_typed": True, "network_flags": plan.network_flags,
                   "workspace_gib": opts.workspace_gib, "opt_level": opts.opt_level,
                   "version_compatible": bool(opts.version_compatible),
-                  "hardware_compat": opts.hardware_compat or "none",
+                  "hardware_compat": opts.hardware_compat,
                   "profile": asdict(profile) if profile else None,
                   "timing_cache": str(opts.timing_cache) if opts.timing_cache else None},
         "model": asdict(info),

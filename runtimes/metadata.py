@@ -18,8 +18,10 @@ def info_from_props(props: dict[str, str]) -> ModelInfo:
     """Our metadata from a plain key/value dict (e.g. ONNX Runtime's custom_metadata_map)."""
     try:
         return ModelInfo.from_metadata(dict(props))
-    except (KeyError, ValueError, TypeError) as exc:
+    except KeyError as exc:
         raise UserError(FOREIGN) from exc
+    except (ValueError, TypeError) as exc:  # ours, but a value outside the contract (newer tool, edited file)
+        raise UserError(f"unreadable yolo7-export metadata ({exc}); re-export it with this yolo7-export") from exc
 
 
 def read_info(proto) -> ModelInfo:
