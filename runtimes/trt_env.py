@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError  # the bottom layer: runtimes/ never imports exporter/
+
 log = logging.getLogger("yolo7_export")
 
 MIN_MAJOR = 10  # the strongly typed ONNX path needs TensorRT 10+ (11 is strongly typed only)
@@ -22,8 +24,6 @@ SIDECAR_FORMAT = "yolo7-export/engine-sidecar/1"
 
 
 def _error(message: str) -> Exception:
-    from exporter.errors import UserError  # lazy: runtimes/ has no import-time dependency on exporter/
-
     return UserError(message)
 
 
@@ -300,8 +300,6 @@ def require_gpu(index: int = 0) -> CudaDevice:
 
 def unavailable_reason() -> str | None:
     """None when TensorRT engines can be built and run here, else the one-line reason why not."""
-    from exporter.errors import UserError
-
     try:
         trt = import_tensorrt()
         require_gpu()
