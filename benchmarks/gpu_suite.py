@@ -97,21 +97,11 @@ def load_batch(images: Path, imgsz: int, n: int) -> np.ndarray:
 
 
 def cuda_latency(fn, stream, runs: int, warmup: int) -> dict:
-    """Median device time of ``fn`` (which only queues work on ``stream``), with CUDA events."""
-    import torch
+    """Median device time of ``fn`` (which only queues work on ``stream``), with CUDA events: the same clock as
+    the harness's TensorRT latency (exporter.evaluation.latency.device_times / engine_latency)."""
+    from exporter.evaluation.latency import device_times
 
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        fn()
-        end.record(stream)
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    ms = np.asarray(times)
+    ms = np.asarray(device_times(fn, stream, runs, warmup)) * 1000.0
     return {"median_ms": round(float(np.median(ms)), 4), "p90_ms": round(float(np.percentile(ms, 90)), 4),
             "min_ms": round(float(ms.min()), 4), "runs": runs}
 

@@ -91,3 +91,33 @@ def test_report_views():
     assert "**FAILED: max-map-drop 1 AP: m.onnx is 1.25 AP below PyTorch**" in md
     png = render_plot(_report())
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_engine_latency_times_only_the_enqueue_on_the_device_clock():
+    """One definition of TensorRT latency: CUDA events around enqueue, warm-up untimed (stand-in events)."""
+    from exporter.evaluation.latency import engine_latency
+
+    clock = {"t": 0.0}
+    calls = []
+
+    class Event:
+        def record(self, stream):
+            assert stream == "s"
+            self.t = clock["t"]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.t - self.t  # ms, like torch.cuda.Event
+
+    class Backend:
+        stream = "s"
+
+        def enqueue(self, batch):
+            calls.append(batch)
+            clock["t"] += 2.0 * len(calls)  # 2, 4, 6, ... ms of device time
+
+    res = engine_latency(Backend(), 4, runs=3, warmup=2, event=Event, synchronize=lambda: None)
+    assert calls == [4] * 5
+    assert res["p50"] == pytest.approx(8.0) and res["min"] == pytest.approx(6.0)  # runs 3..5: 6, 8, 10 ms

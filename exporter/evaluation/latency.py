@@ -1,8 +1,9 @@
 """Latency and throughput of one artifact at one batch size: warm-up, then N timed runs.
 
-Two clocks: *model* = the backend call on an already letterboxed batch (what an engine costs), and
-*end-to-end* = BGR images in, detections in original pixels out (letterbox + inference + NMS + rescale, what
-an application sees). Medians and tail percentiles, not means: shared machines have outliers. Peak memory:
+Two clocks: *model* = the backend call on an already letterboxed batch (host wall time, copies to and from
+the device included), and *end-to-end* = BGR images in, detections in original pixels out (letterbox +
+inference + NMS + rescale, what an application sees). For a TensorRT engine a third, *engine*: the project's
+one definition of "TensorRT latency" (:func:`engine_latency`, used by the harness and benchmarks/gpu_suite.py). Medians and tail percentiles, not means: shared machines have outliers. Peak memory:
 on CPU the growth of the process's peak RSS over warm-up and runs (Linux VmHWM, reset through
 /proc/self/clear_refs), on CUDA ``torch.cuda.max_memory_allocated`` (allocations made through torch only).
 """
@@ -27,6 +28,7 @@ class LatencyResult:
     e2e_ms: dict = field(default_factory=dict)
     fps: float = 0.0  # images/s from the model-only median
     fps_e2e: float = 0.0
+    engine_ms: dict = field(default_factory=dict)  # TensorRT only: engine_latency (device time of one enqueue)
     peak_mem_mb: float | None = None
     mem_kind: str = ""
 
@@ -77,10 +79,43 @@ def measure_latency(detector: Detector, images_bgr: list[np.ndarray], batch: int
         sync()
         model_t = time_calls(lambda: detector.run(x), runs, sync, bar.update)
         e2e_t = time_calls(lambda: detector.detect(imgs), runs, sync, bar.update)
+        engine = engine_latency(detector.backend, len(x), runs, warmup) if cuda and hasattr(
+            detector.backend, "enqueue") else {}
     model, e2e = percentiles(model_t), percentiles(e2e_t)
     return LatencyResult(batch=batch, runs=runs, warmup=warmup, model_ms=model, e2e_ms=e2e,
                          fps=batch * 1000.0 / model["p50"], fps_e2e=batch * 1000.0 / e2e["p50"],
-                         peak_mem_mb=mem.peak_mb, mem_kind=mem.kind)
+                         peak_mem_mb=mem.peak_mb, mem_kind=mem.kind, engine_ms=engine)
+
+
+def device_times(fn, stream, runs: int, warmup: int, event=None, synchronize=None) -> list[float]:
+    """Seconds of device time of each of ``runs`` calls of ``fn`` (which only queues work on ``stream``),
+    measured by CUDA events recorded on that stream around each call, after ``warmup`` untimed calls.
+    (``event``/``synchronize`` default to torch.cuda's; tests pass stand-ins.)"""
+    if event is None or synchronize is None:
+        import torch
+
+        event = event or (lambda: torch.cuda.Event(enable_timing=True))
+        synchronize = synchronize or torch.cuda.synchronize
+    for _ in range(warmup):
+        fn()
+    synchronize()
+    times = []
+    for _ in range(runs):
+        start, end = event(), event()
+        start.record(stream)
+        fn()
+        end.record(stream)
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000.0)  # CUDA events report milliseconds
+    return times
+
+
+def engine_latency(backend, batch: int, runs: int, warmup: int, **events) -> dict:
+    """**The** TensorRT latency of this project: device time, by CUDA events on the backend's stream, of one
+    ``TrtBackend.enqueue(batch)`` on already bound device buffers (a CUDA-graph replay when the backend
+    captures graphs). Not timed: host<->device copies, letterbox, host-side NMS, synchronisation. It is what
+    trtexec reports as GPU Compute Time; :func:`percentiles` of it, in ms."""
+    return percentiles(device_times(lambda: backend.enqueue(batch), backend.stream, runs, warmup, **events))
 
 
 def _cuda_sync() -> None:
