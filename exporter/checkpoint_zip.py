@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .safe_pickle import MAX_PICKLE_BYTES
+from .safe_pickle import MAX_PICKLE_BYTES, UnsafeCheckpointError
 
 MAX_MEMBERS = 200_000  # a full yolov7-e6e training checkpoint has ~1,500; optimizer state about triples it
 _META_MEMBERS = {"byteorder", ".format_version", ".storage_alignment", ".data/serialization_id"}
@@ -129,7 +129,7 @@ def _check_layout(z: zipfile.ZipFile, path: Path, size: int) -> TorchZip:
             raise UserError(f"refused to load: {path} holds zip member {name!r} outside the single top folder "
                             f"'{prefix}/' of a torch.save checkpoint")
         if any(rest == h or rest.startswith(h) for h in _TORCHSCRIPT_HINTS):
-            raise UserError(f"refused to load: {path} is a TorchScript archive (member {name!r}), not a training "
+            raise UnsafeCheckpointError(f"refused to load: {path} is a TorchScript archive (member {name!r}), not a training "
                             "checkpoint; TorchScript code is never loaded (nothing was executed)")
         if rest in names:
             raise UserError(f"refused to load: {path} holds zip member {name!r} twice")

@@ -161,6 +161,10 @@ def _parse(cfg: dict, spec: BuildSpec) -> tuple[list[nn.Module], list[int]]:
             if c2 != no:
                 c2 = make_divisible(c2 * gw, 8)
             args = [c1, c2, *args[1:]]
+            if name != "SPPCSPC" and len(args) > 2:  # Conv/RepConv [c1, c2, k, s, ...]; DownC [c1, c2, k=stride]
+                _bounded(args[2], 1, 64, f"layer {i} kernel size")
+            if name in ("Conv", "RepConv") and len(args) > 3:
+                _bounded(args[3], 1, 64, f"layer {i} stride")
             if name in _REPEAT_ARG_MODULES:
                 args.insert(2, n)
                 n = 1
