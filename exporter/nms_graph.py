@@ -84,7 +84,7 @@ class Builder:
         return self.op("Gather", [x, self.const(index, np.int64)], {"axis": 1}, dtype=dtype)
 
 
-def top_set(b: Builder, values, k: int):
+def top_set(b: Builder, values, k: int, index=None):
     """values [B,L] (L >= k; missing entries -1, real ones >= 0) -> positions [B,k] int64 of the k best by
     (value desc, index asc), and their values [B,k].
 
@@ -92,16 +92,18 @@ def top_set(b: Builder, values, k: int):
     tie order cannot change it); entries > t all belong (fewer than k of them); entries == t fill the rest by
     ascending index, chosen by a second TopK over the key 2^24 - index (distinct, exact in float32). The
     *order* of the returned positions is TopK's; callers order by ``precedence``, which looks at values and
-    positions only. Needs L < 2^24.
+    positions only. ``index`` [B,L] float32: the entries' own indices for tie-breaking (default: position);
+    must stay below 2^24.
     """
     topk = {"axis": 1, "largest": 1, "sorted": 1}
     kk = b.const([k], I64)
     top_vals, _ = b.op("TopK", [values, kk], topk, dtype=[F32, I64], n_out=2)
     t = b.slice(top_vals, k - 1, k, 1, F32)  # [B,1]
-    length = b.op("Gather", [b.op("Shape", [values], dtype=I64), b.const(1, I64)], {"axis": 0}, dtype=I64)
-    index_f = b.cast(b.op("Range", [b.const(0, I64), length, b.const(1, I64)], dtype=I64), FLOAT, F32)
+    if index is None:
+        length = b.op("Gather", [b.op("Shape", [values], dtype=I64), b.const(1, I64)], {"axis": 0}, dtype=I64)
+        index = b.cast(b.op("Range", [b.const(0, I64), length, b.const(1, I64)], dtype=I64), FLOAT, F32)
     tied = b.op("Where", [b.op("Equal", [values, t], dtype=BOOL),
-                          b.op("Sub", [b.const(float(KEY_LIMIT), F32), index_f], dtype=F32), b.const(-1.0, F32)],
+                          b.op("Sub", [b.const(float(KEY_LIMIT), F32), index], dtype=F32), b.const(-1.0, F32)],
                 dtype=F32)
     key = b.op("Where", [b.op("Greater", [values, t], dtype=BOOL), b.const(float(2 * KEY_LIMIT), F32), tied],
                dtype=F32)
@@ -109,10 +111,10 @@ def top_set(b: Builder, values, k: int):
     return pos, b.op("GatherElements", [values, pos], {"axis": 1}, dtype=F32)
 
 
-def precedence(b: Builder, s, pos):
-    """s, pos [B,k] -> before [B,k,k] bool (before[i,j]: j precedes i, i.e. s_j > s_i, or s_j == s_i and
-    pos_j < pos_i: the official stable sort) and rank [B,k] float (how many precede; distinct)."""
-    pos_f = b.cast(pos, FLOAT, F32)
+def precedence(b: Builder, s, pos_f):
+    """s, pos_f [B,k] float32 (score, candidate index) -> before [B,k,k] bool (before[i,j]: j precedes i, i.e.
+    s_j > s_i, or s_j == s_i and pos_j < pos_i: the official stable sort) and rank [B,k] float (how many
+    precede; distinct when the indices are)."""
     s_i, s_j = b.unsqueeze(s, 2, dtype=F32), b.unsqueeze(s, 1, dtype=F32)
     p_i, p_j = b.unsqueeze(pos_f, 2, dtype=F32), b.unsqueeze(pos_f, 1, dtype=F32)
     tie_first = b.op("And", [b.op("Equal", [s_j, s_i], dtype=BOOL), b.op("Less", [p_j, p_i], dtype=BOOL)], dtype=BOOL)

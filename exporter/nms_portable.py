@@ -74,8 +74,8 @@ def per_anchor_candidates(nms: NmsOptions, nc: int) -> bool:
     return bool(nms.best_class or (nms.agnostic and nms.iou < 1) or nc == 1)
 
 
-def portable_tail(b: Builder, pred, boxes, scores, nc: int, nms: NmsOptions) -> list:
-    """boxes [B,N,4] xyxy, scores [B,N,nc] -> num_dets, det_boxes, det_scores, det_classes, det_indices."""
+def portable_tail(b: Builder, pred, boxes, nc: int, nms: NmsOptions) -> list:
+    """pred [B,N,>=5+nc] float32, boxes [B,N,4] xyxy -> num_dets, det_boxes, det_scores, det_classes, det_indices."""
     validate_portable(nms)
     cap, K = int(nms.candidates), int(nms.topk)
     n_anchor = pred.shape[1] if pred.shape and isinstance(pred.shape[1], int) else None
@@ -85,39 +85,51 @@ def portable_tail(b: Builder, pred, boxes, scores, nc: int, nms: NmsOptions) -> 
         raise UserError(f"the portable NMS tail supports at most {KEY_LIMIT} candidates per image; "
                         f"{n_anchor} anchors x {width} labels is too many (use --best-class or a smaller input)")
 
-    # 1. candidate scores v [B,L] (index anchor*width + label) and, per anchor, the best class
-    best_cls = None
-    if per_anchor and nc > 1:
-        best = b.reduce("ReduceMax", scores, 2, F32, keepdims=1)  # [B,N,1]
-        ids = b.const(np.arange(nc, dtype=np.float32), F32)
-        lowest = b.op("Where", [b.op("Equal", [scores, best], dtype=BOOL), ids, b.const(float(nc), F32)], dtype=F32)
-        best_cls = b.reduce("ReduceMin", lowest, 2, F32)  # [B,N]: the lowest class id among equal maxima
-        v = b.squeeze(best, 2, dtype=F32)
-    elif per_anchor:
-        v = b.squeeze(scores, 2, dtype=F32)
-    else:
-        v = b.op("Reshape", [scores, b.const([0, -1], I64)], dtype=F32)
-    passed = b.op("Greater", [v, b.const(np.float32(nms.conf), F32)], dtype=BOOL)
-    v = pad_columns(b, b.op("Where", [passed, v, b.const(-1.0, F32)], dtype=F32), cap)
+    # 1. each anchor's best score m [B,N]; max_c fl(obj * cls_c) == fl(obj * max_c cls_c) (rounding is monotone),
+    #    so the [B,N,nc] products are never formed: only the cap best anchors' rows are multiplied out below
+    obj = b.slice(pred, 4, 5, 2, F32)  # [B,N,1]
+    cls = None if nc == 1 and nms.obj_only_single_class else b.slice(pred, 5, 5 + nc, 2, F32)  # [B,N,nc]
+    m = obj if cls is None else b.op("Mul", [obj, b.reduce("ReduceMax", cls, 2, F32, keepdims=1)], dtype=F32)
+    m = b.squeeze(m, 2, dtype=F32)
+    conf = b.const(np.float32(nms.conf), F32)
+    m = pad_columns(b, b.op("Where", [b.op("Greater", [m, conf], dtype=BOOL), m, b.const(-1.0, F32)], dtype=F32), cap)
 
-    # 2. the cap best candidates (a deterministic set), their anchor, class and box
-    pos, s = top_set(b, v, cap)  # [B,cap]; s == -1: no candidate
-    valid = b.op("Greater", [s, b.const(-0.5, F32)], dtype=BOOL)
-    pos32 = b.cast(pos, INT32, I32)
-    anchor = pos32 if per_anchor else b.op("Div", [pos32, b.const(np.int32(nc), I32)], dtype=I32)
-    anchor = b.op("Where", [valid, anchor, b.const(np.int32(0), I32)], dtype=I32)  # padding -> a real row
-    anchor64 = b.cast(anchor, INT64, I64)
-    if best_cls is not None:
-        cls_f = b.op("GatherElements", [best_cls, anchor64], {"axis": 1}, dtype=F32)
-    elif per_anchor:
-        cls_f = b.op("Mul", [s, b.const(0.0, F32)], dtype=F32)  # nc == 1
-    else:
-        label = b.op("Sub", [pos32, b.op("Mul", [anchor, b.const(np.int32(nc), I32)], dtype=I32)], dtype=I32)
+    # 2. the cap best anchors by (best score desc, anchor asc). Every one of the cap best (anchor, class) pairs
+    #    has its anchor among them: each anchor ranked before it owns a distinct pair ranked before the pair.
+    a_pos, a_s = top_set(b, m, cap)  # [B,cap]; -1: no candidate
+    a_valid = b.op("Greater", [a_s, b.const(-0.5, F32)], dtype=BOOL)
+    a_anchor = b.op("Where", [a_valid, b.cast(a_pos, INT32, I32), b.const(np.int32(0), I32)], dtype=I32)
+    a_anchor64 = b.cast(a_anchor, INT64, I64)
+    ids = b.const(np.arange(nc, dtype=np.float32), F32)
+    rows = None if cls is None else b.op("Mul", [gather_rows(b, obj, a_anchor64, 1), gather_rows(b, cls, a_anchor64, nc)],
+                                         dtype=F32)  # [B,cap,nc]: the reference's fl(obj * cls), exactly
+    if per_anchor:
+        s, pos_f, valid, anchor = a_s, b.cast(a_pos, FLOAT, F32), a_valid, a_anchor
+        if rows is None or nc == 1:
+            cls_f = b.op("Mul", [s, b.const(0.0, F32)], dtype=F32)
+        else:  # the lowest class id among equal best products (numpy/torch argmax)
+            is_best = b.op("Equal", [rows, b.unsqueeze(s, 2, dtype=F32)], dtype=BOOL)
+            cls_f = b.reduce("ReduceMin", b.op("Where", [is_best, ids, b.const(float(nc), F32)], dtype=F32), 2, F32)
+    else:  # multi-label: the cap best (anchor, class) pairs among those anchors' cap * nc pairs
+        live = b.op("And", [b.op("Greater", [rows, conf], dtype=BOOL), b.unsqueeze(a_valid, 2, dtype=BOOL)],
+                    dtype=BOOL)
+        pair_v = b.op("Reshape", [b.op("Where", [live, rows, b.const(-1.0, F32)], dtype=F32), b.const([0, -1], I64)],
+                      dtype=F32)  # [B,cap*nc]
+        flat = b.op("Add", [b.op("Mul", [b.unsqueeze(b.cast(a_anchor, FLOAT, F32), 2, dtype=F32),
+                                         b.const(float(nc), F32)], dtype=F32), ids], dtype=F32)
+        flat = b.op("Reshape", [flat, b.const([0, -1], I64)], dtype=F32)  # anchor * nc + class (exact < 2^24)
+        sel, s = top_set(b, pair_v, cap, index=flat)
+        valid = b.op("Greater", [s, b.const(-0.5, F32)], dtype=BOOL)
+        pos_f = b.op("GatherElements", [flat, sel], {"axis": 1}, dtype=F32)
+        sel32 = b.cast(sel, INT32, I32)
+        row = b.op("Div", [sel32, b.const(np.int32(nc), I32)], dtype=I32)
+        label = b.op("Sub", [sel32, b.op("Mul", [row, b.const(np.int32(nc), I32)], dtype=I32)], dtype=I32)
         cls_f = b.cast(label, FLOAT, F32)
-    cand_boxes = gather_rows(b, boxes, anchor64, 4)  # [B,cap,4]
+        anchor = b.op("GatherElements", [a_anchor, b.cast(row, INT64, I64)], {"axis": 1}, dtype=I32)
+    cand_boxes = gather_rows(b, boxes, b.cast(anchor, INT64, I64), 4)  # [B,cap,4]
 
     # 3. order, 4. suppression relation
-    before, rank = precedence(b, s, pos)
+    before, rank = precedence(b, s, pos_f)
     suppress = b.op("And", [before, _iou_above(b, cand_boxes, nms.iou)], dtype=BOOL)
     if not nms.agnostic:
         same = b.op("Equal", [b.unsqueeze(cls_f, 2, dtype=F32), b.unsqueeze(cls_f, 1, dtype=F32)], dtype=BOOL)

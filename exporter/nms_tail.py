@@ -89,7 +89,7 @@ def append_nms(proto: onnx.ModelProto, nms: NmsOptions, nc: int, *, keep_raw: bo
         if nms.mode == "portable":
             from .nms_portable import portable_tail
 
-            outs = portable_tail(b, pred, boxes, scores, nc, nms)
+            outs = portable_tail(b, pred, boxes, nc, nms)
         else:
             outs = _onnx_tail(b, pred, boxes, scores, nc, nms)
         for t, dt, shp in zip(outs, dtypes, shapes):
@@ -169,7 +169,7 @@ def _onnx_tail(b: Builder, pred, boxes, scores, nc: int, nms: NmsOptions) -> lis
     else:
         label = b.op("Sub", [pos32, b.op("Mul", [anchor, b.const(np.int32(width), I32)], dtype=I32)], dtype=I32)
         cls_f = b.cast(label, FLOAT, F32)
-    _, rank = precedence(b, s, pos)
+    _, rank = precedence(b, s, b.cast(pos, FLOAT, F32))
     key = b.op("Sub", [b.const(float(K), F32), rank], dtype=F32)  # distinct: K..1
     out_key, slot = b.op("TopK", [key, b.const([K], I64)], {"axis": 1, "largest": 1, "sorted": 1},
                          dtype=[F32, I64], n_out=2)

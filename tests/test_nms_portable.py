@@ -368,3 +368,23 @@ def test_cli_portable_export_and_detector(tmp_path):
     ref = np.load(CKPT.with_suffix(".npz"))["nms_fused"]
     assert len(dets) == 2 and len(dets[0]) == len(ref) > 0
     np.testing.assert_allclose(np.sort(dets[0].scores)[::-1], np.sort(ref[:, 4])[::-1], atol=1e-4)
+
+
+def test_yolo7_bench_runs_a_portable_artifact(tmp_path):
+    """The check harness (yolo7-bench) treats a portable-tail ONNX like the other tails: detections match
+    PyTorch + the host NMS under the tail's own settings, and its mAP is scored."""
+    from exporter.check.harness import BenchConfig, run_bench
+    from exporter.pipeline import run as export
+
+    data = Path(__file__).parent / "data"
+    ckpt = data / "yolov7-tiny-shapes.pt"
+    onnx_path = export(ExportOptions(checkpoint=ckpt, out_dir=tmp_path / "p", imgsz=(160, 160),
+                                     nms=NmsOptions(mode="portable"))).onnx_path
+    cfg = BenchConfig(checkpoint=ckpt, artifacts=[onnx_path], out_dir=tmp_path / "report", batches=(1,), runs=2,
+                      warmup=1, max_images=12, parity_images=4, threads=1, progress=False,
+                      data=data / "shapes" / "annotations" / "instances_val.json")
+    report = run_bench(cfg)
+    row = report["artifacts"][1]
+    assert row["nms"] == "portable" and not row["skipped"]
+    assert row["parity"]["detections"]["matched_share"] > 0.95 and row["map"]["map50_95"] > 0.05
+    assert abs(row["delta_ap"]) < 0.5
