@@ -13,7 +13,7 @@ import numpy as np
 
 from .backend import Backend  # noqa: F401 - re-exported: the face every backend implements
 from .contract import NMS_OUTPUTS, RAW_OUTPUT, ModelInfo
-from .preprocess import Letterbox, preprocess, scale_boxes
+from .preprocess import Letterbox, preprocess, scale_boxes, stride_fit
 
 
 @dataclass
@@ -114,8 +114,16 @@ class Detector:
 
         ``config``: NMS settings for this call instead of ``self.config`` (e.g. an evaluation protocol).
         """
-        batch, boxes = preprocess(images_bgr, self.info.imgsz)
+        batch, boxes = preprocess(images_bgr, self.input_size(images_bgr))
         return self.detect_batch(batch, boxes, config)
+
+    def input_size(self, images_bgr: list[np.ndarray]) -> tuple[int, int]:
+        """The letterbox size for this batch: the artifact's own, or for a ``--dynamic`` artifact the smallest
+        stride multiple that holds the batch (runtimes.preprocess.stride_fit)."""
+        if not getattr(self.info, "dynamic_hw", False):
+            return tuple(self.info.imgsz)
+        return stride_fit([im.shape[:2] for im in images_bgr], tuple(self.info.imgsz), int(max(self.info.stride)),
+                          self.info.min_imgsz)
 
     def detect_batch(self, batch: np.ndarray, letterboxes: list[Letterbox],
                      config: DetectConfig | None = None) -> list[Detections]:

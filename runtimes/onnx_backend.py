@@ -87,7 +87,12 @@ class OnnxBackend(Backend):
         batch = np.asarray(batch)
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise UserError(f"expected a batch [B,3,H,W], got shape {list(batch.shape)}")
-        if tuple(batch.shape[2:]) != tuple(self.info.imgsz):
+        if self.info.dynamic_hw:  # --dynamic: any stride multiple (within the engine profile's minimum)
+            stride, lo = int(max(self.info.stride)), tuple(self.info.min_imgsz or (0, 0))
+            if any(s % stride or s < m for s, m in zip(batch.shape[2:], lo)):
+                raise UserError(f"input is {batch.shape[2]}x{batch.shape[3]}; {self.label} takes multiples of "
+                                f"{stride} from {lo[0]}x{lo[1]} (letterbox with runtimes.preprocess.stride_fit)")
+        elif tuple(batch.shape[2:]) != tuple(self.info.imgsz):
             raise UserError(f"input is {batch.shape[2]}x{batch.shape[3]} but {self.label} was exported for "
                             f"{self.info.imgsz[0]}x{self.info.imgsz[1]} (letterbox images with runtimes.preprocess)")
         if self.info.batch is not None and len(batch) != self.info.batch:

@@ -65,6 +65,26 @@ def preprocess(images_bgr: list[np.ndarray], size: tuple[int, int]) -> tuple[np.
     return to_tensor(boxed), infos
 
 
+def stride_fit(shapes: list[tuple[int, int]], size: tuple[int, int], stride: int,
+               min_size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """Input (H, W) for a batch of images of ``shapes`` (h, w) into a dynamic-size artifact (``--dynamic``).
+
+    Each image is scaled as into ``size`` (same ratio as the square letterbox, so the same pixels reach the
+    model); the batch input is the smallest stride multiple holding every scaled image (the official
+    rectangular inference), never below ``min_size`` (the engine profile's minimum) nor above ``size``.
+    A single 4:3 image at 640 becomes 480x640 instead of 640x640: a quarter less padding to compute.
+    """
+    H, W = size
+    need_h = need_w = 0
+    for h0, w0 in shapes:
+        r = min(H / h0, W / w0)
+        need_h, need_w = max(need_h, int(round(h0 * r))), max(need_w, int(round(w0 * r)))
+    lo_h, lo_w = min_size or (stride, stride)
+    fit_h = min(H, max(lo_h, -(-need_h // stride) * stride))
+    fit_w = min(W, max(lo_w, -(-need_w // stride) * stride))
+    return fit_h, fit_w
+
+
 def scale_boxes(boxes: np.ndarray, lb: Letterbox) -> np.ndarray:
     """xyxy boxes in network-input pixels -> original image pixels, clipped to the image."""
     out = np.array(boxes, dtype=np.float32, copy=True).reshape(-1, 4)

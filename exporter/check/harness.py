@@ -101,6 +101,10 @@ def run_bench(cfg: BenchConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     ref = Detector(open_backend(cfg.checkpoint, device=cfg.device, imgsz=imgsz, loaded=cfg.reference))
     imgsz = tuple(ref.info.imgsz)  # the checkpoint's default when neither --img nor an artifact says
+    live = [p for p in planned if not p.skipped and p.info is not None]
+    rect = bool(live) and all(p.info.dynamic_hw for p in live)
+    if rect:  # every artifact takes any stride multiple (--dynamic): all, PyTorch too, letterbox per batch
+        ref.info.dynamic_hw, ref.info.min_imgsz = True, max(tuple(p.info.min_imgsz or (0, 0)) for p in live)
     dataset = dataset.for_model(ref.info.names)
     for p in planned:
         _check_same_model(p, ref.info, cfg.checkpoint)
@@ -136,8 +140,10 @@ def run_bench(cfg: BenchConfig) -> dict:
                      "threads_note": _threads_note(cfg.threads)},
         "artifacts": rows, "gates": gate_rows, "passed": not failures, "failures": failures,
         "notes": [*([f"peak memory {CPU_MEMORY_NOTE}"] if cfg.device == "cpu" else []),
-                  "square letterbox for every artifact (the official test.py pads rectangular batches instead, "
-                  "so its mAP can differ by a few tenths of an AP point)"],
+                  ("rectangular letterbox (smallest stride multiple per batch) for every artifact: all are --dynamic"
+                   if rect else
+                   "square letterbox for every artifact (the official test.py pads rectangular batches instead, "
+                   "so its mAP can differ by a few tenths of an AP point)")],
         "seconds": round(time.perf_counter() - t0, 1),
     }
     paths = write_report(report, cfg.out_dir)
