@@ -298,9 +298,13 @@ def require_gpu(index: int = 0) -> CudaDevice:
     return device
 
 
-def unavailable_reason() -> str | None:
-    """None when TensorRT engines can be built and run here, else the one-line reason why not."""
+def unavailable_reason(library: str = "tensorrt") -> str | None:
+    """None when TensorRT engines (of ``library``: 'tensorrt' or 'tensorrt-rtx') can run here, else why not."""
     try:
+        if library == "tensorrt-rtx":  # builds anywhere; running needs its library and a GPU
+            import_rtx()
+            require_gpu()
+            return None
         trt = import_tensorrt()
         require_gpu()
         create(trt, trt.Builder, make_logger(trt), "builder")

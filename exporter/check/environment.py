@@ -45,7 +45,7 @@ def describe_device(threads: int | None = None) -> dict:
             "platform": platform.platform(), "summary": summary, "short": short}
 
 
-def trt_unavailable_reason() -> str | None:
+def trt_unavailable_reason(library: str = "tensorrt") -> str | None:
     """None when TensorRT engines can run here, else why not (the report's skip reason).
 
     One probe for the whole project (runtimes.trt_env): it creates a builder, because the bindings import
@@ -53,7 +53,7 @@ def trt_unavailable_reason() -> str | None:
     """
     from runtimes.trt_env import unavailable_reason
 
-    return unavailable_reason()
+    return unavailable_reason(library)
 
 
 def ort_device(device: str) -> str:

@@ -190,9 +190,19 @@ def _plan(path: Path) -> _Planned:
                    if info.nms == "efficient" else None)
         return _Planned(path, "onnx", info, skipped)
     if suffix in ENGINE_SUFFIXES:
-        return _Planned(path, "tensorrt", _engine_info(path), trt_unavailable_reason())
+        return _Planned(path, "tensorrt", _engine_info(path), trt_unavailable_reason(_engine_library(path)))
     raise UserError(f"don't know how to check '{path.name}': expected .onnx or .engine/.plan artifacts "
                     f"(the .pt checkpoint is the first argument)")
+
+
+def _engine_library(path: Path) -> str:
+    """'tensorrt' or 'tensorrt-rtx' from the engine's sidecar (decides which library must be present here)."""
+    from runtimes.trt_backend import read_sidecar
+
+    try:
+        return str(read_sidecar(path)["tensorrt"].get("library", "tensorrt"))
+    except (UserError, KeyError, TypeError, AttributeError):
+        return "tensorrt"
 
 
 def _engine_info(path: Path) -> ModelInfo | None:
