@@ -34,7 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ROOT / "tests" / "data" / "shapes"
 # (regex on the command line, reason); keep this short: a plain ``` block is the normal way to show only
 SKIP = [
-    (r"(^|\s)--trt(\s|$)", "builds a TensorRT engine: needs TensorRT (and a GPU for TensorRT 10/11)"),
+    # --trt runs: CI installs TensorRT-RTX, which builds without a GPU. Not what needs TensorRT 10/11 (and a GPU):
+    (r"(^|\s)--trt(\s|$).*(--trt-lib\s+tensorrt|--nms\s+efficient|--hardware-compat)|"
+     r"(--trt-lib\s+tensorrt|--nms\s+efficient|--hardware-compat).*(^|\s)--trt(\s|$)",
+     "builds a TensorRT 10/11 engine or EfficientNMS_TRT: needs TensorRT 10/11 and a GPU"),
     (r"\.(engine|plan)(\s|$)", "runs a TensorRT engine: needs a GPU and TensorRT"),
     (r"--device\s+cuda", "needs a CUDA GPU"),
     (r"^\s*pip\s", "changes the environment (the set-up step installs everything)"),
