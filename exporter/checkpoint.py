@@ -279,3 +279,16 @@ def _numbers(value: Any, what: str, path: Path, limit: int) -> list[float]:
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         return [float(v) for v in value]
     raise UserError(f"checkpoint {path}: the Detect module's {what} is not a short list of numbers")
+
+
+_TASK_WORDS = {"detect": "a detection", "segment": "an instance-segmentation", "pose": "a pose (keypoint)"}
+
+
+def check_task(ckpt: Checkpoint, expected: str) -> None:
+    """Refuse a checkpoint of another task than the one asked for ('auto' accepts any), in one line."""
+    if expected in (None, "", "auto") or ckpt.task == expected:
+        return
+    if expected not in _TASK_WORDS:
+        raise UserError(f"unknown task {expected!r}; choose auto, detect, segment or pose")
+    raise UserError(f"{ckpt.path.name} is {_TASK_WORDS[ckpt.task]} checkpoint ({ckpt.head_type} head), not "
+                    f"{_TASK_WORDS[expected]} one; drop --task {expected} or use --task {ckpt.task}")

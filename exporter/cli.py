@@ -19,7 +19,7 @@ Examples:
   yolo7-export best.pt --img 384 640 --nms onnx # rectangular input, NMS inside the graph (any runtime)
   yolo7-export best.pt --fp16 --dynamic-batch   # FP16 ONNX, batch chosen at run time
   yolo7-export best.pt --int8 --calib images/   # INT8 Q/DQ calibrated on your images (CPU)
-  yolo7-export best.pt --trt --fp16             # + TensorRT engine (GPU host with TensorRT 10/11)
+  yolo7-export best.pt --trt --fp16             # + engine: TensorRT-RTX (no GPU needed) or TensorRT 10/11
 Outputs go to --out (default ./out): <name>[.fp16|.int8].onnx, .engine + .engine.json, manifest.json.
 """
 
@@ -112,13 +112,15 @@ def refuse_ignored_options(present: dict[str, bool]) -> None:
 @click.option("--triton", type=click.Path(path_type=Path), default=None, help="Also write a Triton model repository here.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing artifact of the same name that was exported with other settings.")
+@click.option("--task", type=click.Choice(["auto", "detect", "segment", "pose"]), default="auto", show_default=True,
+              help="What the checkpoint must be (auto: whatever it is); another task is refused with one line.")
 @click.option("-v", "--verbose", is_flag=True, help="More log lines.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def export_command(checkpoint, out_dir, img, batch, dynamic_batch, opset, simplify, nms, conf, iou, topk, agnostic,
                    best_class, fp16, int8, calib, calib_images, calib_method, calib_cache, int8_max_drop, data, trt,
                    max_batch, workspace, opt_level, timing_cache, version_compatible, hardware_compat, do_check, max_map_drop,
                    max_latency_ms, min_parity_cos, triton, verbose, debug, dynamic=False, min_img=None, max_img=None,
-                   trt_lib="auto", trt_arch=None, nms_candidates=1024, overwrite=False):
+                   trt_lib="auto", trt_arch=None, nms_candidates=1024, overwrite=False, task="auto"):
     """Export an official YOLOv7 checkpoint (tiny, v7, X, W6, E6, D6, E6E; training or deploy form) to a
     fused, simplified ONNX, optionally FP16/INT8 and with NMS inside, optionally a TensorRT engine.
 
@@ -166,7 +168,7 @@ def export_command(checkpoint, out_dir, img, batch, dynamic_batch, opset, simpli
                            hardware_compat=hardware_compat),
             check=CheckOptions(enabled=do_check, data=data, max_map_drop=max_map_drop, max_latency_ms=max_latency_ms,
                                min_parity_cos=min_parity_cos),
-            triton=triton, overwrite=overwrite,
+            triton=triton, overwrite=overwrite, task=task,
         )
         from runtimes.files import scratch_in
 

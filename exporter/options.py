@@ -84,4 +84,5 @@ class ExportOptions:
     trt: TrtOptions = field(default_factory=TrtOptions)
     check: CheckOptions = field(default_factory=CheckOptions)
     triton: Path | None = None
+    task: str = "auto"  # --task: auto | detect | segment | pose; a checkpoint of another task is refused
     overwrite: bool = False  # --overwrite: replace an artifact made with other settings (artifacts.refuse_replacing)

@@ -16,6 +16,7 @@ from runtimes.contract import ModelInfo
 
 from . import __version__
 from .artifacts import Manifest, invalidate_manifest, refuse_replacing, write_bytes_atomic
+from .checkpoint import check_task
 from .errors import UserError
 from .loading import check_image_size, default_imgsz, load_fused  # noqa: F401 - load_fused re-exported
 from .onnx_export import ExportConfig, export_onnx, finalize
@@ -76,6 +77,7 @@ def run(opts: ExportOptions) -> PipelineResult:
         if opts.calib.max_drop is not None and opts.calib.eval_data is None:
             raise UserError("--int8-max-drop measures mAP on --data, a labelled set that shares no image with --calib")
     ckpt, model = load_fused(opts.checkpoint)
+    check_task(ckpt, opts.task)  # --task detect on a seg checkpoint (and the reverse): one line, nothing written
     if ckpt.task == "segment":  # masks need det_indices: no EfficientNMS_TRT; u7 seg NMS scores obj*cls always
         from .nms_masks import seg_nms_options
 
