@@ -127,3 +127,13 @@ def make_pose_set(root: str | Path, n_images: int = 6, size: tuple[int, int] = (
     coco_json = root / "annotations" / "person_keypoints.json"
     coco_json.write_text(json.dumps(gt))
     return PoseSet(root=root, coco_json=coco_json, images_dir=root / "images", gt=gt)
+
+
+if __name__ == "__main__":  # python tests/pose_data.py OUT_DIR [N_IMAGES]: a labelled keypoint set to try things on
+    import sys
+
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python tests/pose_data.py OUT_DIR [N_IMAGES]")
+    made = make_pose_set(sys.argv[1], n_images=int(sys.argv[2]) if len(sys.argv) == 3 else 6)
+    print(f"wrote {len(made.gt['images'])} images, {len(made.gt['annotations'])} figures: {made.coco_json}, "
+          f"{made.images_dir} (+ labels/)")

@@ -222,3 +222,22 @@ def test_efficient_tail_refused_for_pose(tmp_path):
     with pytest.raises(UserError, match="--nms portable"):
         run(opts)
     assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_dynamic_size_export_matches_pytorch(tmp_path):
+    """--dynamic (batch, H, W): the keypoint grid follows the feature-map shape; two sizes, batch 2."""
+    import onnxruntime as ort
+
+    ckpt = load_checkpoint(POSE / f"{SMALL}.pt")
+    model = build_model(ckpt)
+    fuse_model(model)
+    path = run(ExportOptions(checkpoint=POSE / f"{SMALL}.pt", out_dir=tmp_path, imgsz=(320, 320), dynamic=True,
+                             min_imgsz=(128, 128), max_imgsz=(448, 448))).onnx_path
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    img = _input(_data("dev_yolov7-w6-pose_w00625"))  # 256x448
+    for h, w in ((256, 448), (192, 320)):
+        x = np.ascontiguousarray(np.concatenate([img, img[..., ::-1]])[:, :, :h, :w])
+        got = s.run(None, {"images": x})[0]
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        assert_rows_close(got, ref, f"--dynamic at {h}x{w}")
