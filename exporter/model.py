@@ -16,6 +16,7 @@ from torch import nn
 
 from . import heads, heads_keypoint, heads_segment, modules
 from .checkpoint import Checkpoint
+from .checkpoint_yaml import check_downsampling
 from .errors import UserError
 
 _CHANNEL_MODULES = {"Conv": modules.Conv, "RepConv": modules.RepConv, "DownC": modules.DownC,
@@ -221,7 +222,7 @@ def build_model(ckpt: Checkpoint) -> YoloModel:
         with torch.device("meta"):  # first on the meta device: nothing is allocated until the yaml fits the weights
             probe = YoloModel(ckpt.yaml, spec)
             _check_fit(probe, state, ckpt.head_type)
-            _check_strides(probe, spec.stride, int(ckpt.yaml.get("ch", 3)))
+        check_downsampling(ckpt.yaml, spec.stride)
         model = YoloModel(ckpt.yaml, spec)
     except UserError:
         raise
@@ -232,22 +233,6 @@ def build_model(ckpt: Checkpoint) -> YoloModel:
     model.load_state_dict(state, strict=False)
     model.names = list(ckpt.names)
     return model.float().eval()
-
-
-def _check_strides(probe: YoloModel, stride: list[float], ch: int) -> None:
-    """The yaml's layers must downsample each head input by the pickled Detect stride (meta tensors only).
-
-    Catches a conv stride of 0, a pooling or upsampling factor that does not fit, and a pickled stride
-    that disagrees with the architecture, before anything runs on real data.
-    """
-    side = 4 * int(max(stride))
-    feats = probe._features(torch.empty(1, ch, side, side, device="meta"))
-    for i, s in enumerate(stride):
-        if i >= len(feats) or tuple(feats[i].shape[-2:]) != (side // int(s), side // int(s)):
-            got = tuple(feats[i].shape[-2:]) if i < len(feats) else None
-            raise UserError(f"checkpoint yaml: head input {i} of a {side}x{side} image is {got}, but the Detect "
-                            f"stride {s:g} needs {(side // int(s),) * 2} (a stride, pooling or upsampling in the yaml "
-                            "does not match the checkpoint)")
 
 
 def _check_fit(model: YoloModel, state: dict[str, torch.Tensor], head_type: str) -> None:

@@ -8,6 +8,7 @@ a timeout, so a regression fails the test instead of taking the test machine dow
 from __future__ import annotations
 
 import collections
+import copy
 import importlib
 import io
 import json
@@ -518,6 +519,21 @@ def test_yaml_without_nc_and_conv_stride_zero_exit_2(tmp_path, craft):
     for result in results[1:]:
         _assert_refused(result, "yaml")
     assert not Path(out).exists() or not any(Path(out).iterdir())
+
+
+@pytest.mark.parametrize("row,args,expect", [
+    (8, [4], "head input 0 is downsampled by 16, but the Detect stride is 8"),  # pooling factor off the graph
+    (39, ["None", 1000, "nearest"], "stride/factor 1000"),  # an upsampling bomb
+    (22, [1], r"layer 41 \(Concat\) joins inputs of different resolutions"),
+])
+def test_yaml_downsampling_must_match_the_pickled_strides(row, args, expect):
+    ckpt = load_checkpoint(TRAINED)
+    ckpt.yaml = copy.deepcopy(ckpt.yaml)
+    nb = len(ckpt.yaml["backbone"])
+    part, index = ("backbone", row) if row < nb else ("head", row - nb)
+    ckpt.yaml[part][index][3] = args
+    with pytest.raises(UserError, match=expect):
+        build_model(ckpt)
 
 
 # ------------------------------------------------------------------ item 5: MemoryError with an empty message
