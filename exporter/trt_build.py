@@ -143,7 +143,14 @@ def check_efficient_nms(conf: float, iou: float, topk: int) -> None:
 
 
 def check_nms(opts: TrtOptions, nms_mode: str, conf: float = 0.25, iou: float = 0.45, topk: int = 100) -> None:
-    """NMS tails an engine cannot carry, refused before export (call after ``preflight`` resolved ``opts.lib``)."""
+    """NMS tails an engine cannot carry, refused before export (call after ``preflight`` resolved ``opts.lib``).
+
+    TensorRT-RTX 1.7 parses ONNX NonMaxSuppression but has no runner for it ("has no runners that implement
+    it" at build time), and has no plugin library for EfficientNMS_TRT: only the portable tail builds there.
+    """
+    if nms_mode == "onnx" and opts.enabled and opts.lib == "rtx":
+        raise UserError("--nms onnx uses ONNX NonMaxSuppression, which TensorRT-RTX cannot build (no runner for "
+                        "it): use --nms portable (plugin-free NMS tail), or --trt-lib tensorrt on a GPU host")
     if nms_mode != "efficient":
         return
     check_efficient_nms(conf, iou, topk)

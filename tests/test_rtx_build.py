@@ -4,9 +4,9 @@ and builder (ahead of time, no GPU needed). Each case runs the production pipeli
 sidecar + manifest. Running the engines needs an RTX-class GPU and is not done here.
 
 Matrix (families; the NMS engineer's tests own the NMS-tail variants):
-P5 trained tiny at 320: FP32 static / FP32 dynamic batch / FP16 dynamic batch / INT8 static / ``--dynamic``
+P5 trained tiny at 320: FP32 dynamic batch / FP16 dynamic batch / INT8 static / ``--dynamic``
 (batch, H, W) raw and with the portable tail / ``auto`` NMS (-> portable with RTX); official fixtures: a P6
-(W6), a deploy-form checkpoint (X deploy), an 80-class P5.
+(W6), a deploy-form checkpoint (X deploy), an 80-class P5 (static batch: INT8 tiny, X deploy, the 80-class P5).
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ pytestmark = [pytest.mark.trt_build, pytest.mark.skipif(rtx_skip_reason() is not
 
 CASES = {
     # id: (checkpoint, img, precision, nms, dynamic_batch, dynamic)
-    "tiny-fp32-static": (TRAINED, 320, "fp32", "none", False, False),
     "tiny-fp32-dynbatch": (TRAINED, 320, "fp32", "none", True, False),
     "tiny-fp16-dynbatch": (TRAINED, 320, "fp16", "none", True, False),
     "tiny-int8-static": (TRAINED, 320, "int8", "none", False, False),
@@ -100,12 +99,27 @@ def test_fp16_engine_is_smaller_than_fp32():
     assert SIZES["tiny-fp16-dynbatch"] < 0.85 * SIZES["tiny-fp32-dynbatch"]
 
 
-def test_rtx_refuses_efficient_nms_before_export(tmp_path):
-    opts = ExportOptions(checkpoint=TRAINED, out_dir=tmp_path, imgsz=(320, 320), nms=NmsOptions(mode="efficient"),
+@pytest.mark.parametrize("nms, message", [("efficient", "TensorRT-RTX does not have.*--nms portable"),
+                                          ("onnx", "TensorRT-RTX cannot build.*--nms portable")])
+def test_rtx_refuses_tails_it_cannot_build_before_export(tmp_path, nms, message):
+    opts = ExportOptions(checkpoint=TRAINED, out_dir=tmp_path, imgsz=(320, 320), nms=NmsOptions(mode=nms),
                          trt=TrtOptions(enabled=True, lib="rtx", arch=TEST_TARGETS))
-    with pytest.raises(UserError, match="TensorRT-RTX does not have.*--nms portable"):
+    with pytest.raises(UserError, match=message):
         run(opts)
     assert not list(tmp_path.glob("*"))  # refused before anything was written
+
+
+def test_onnx_nms_tail_really_fails_in_tensorrt_rtx(trained_fp32_onnx):
+    """Why the refusal above exists: RTX 1.7 parses NonMaxSuppression but cannot build it. If a later
+    TensorRT-RTX can, this test fails and the refusal in trt_build.check_nms should go."""
+    from exporter.nms_tail import append_nms
+
+    proto, info = trained_fp32_onnx
+    graph = append_nms(proto, NmsOptions(mode="onnx"), info.nc)
+    from rtx_util import RtxBuildError
+
+    with pytest.raises(RtxBuildError, match="NonMaxSuppression"):
+        rtx_build(graph)
 
 
 def test_rtx_build_helper_reports_parser_errors():
