@@ -109,3 +109,10 @@ def make_polygon_dataset(root: Path, n_images: int = 6, size: tuple[int, int] = 
         path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
         out[key] = path
     return out
+
+
+if __name__ == "__main__":  # python tests/seg_data.py OUT [N]: the generated polygon set, for the README example
+    import sys
+
+    made = make_polygon_dataset(Path(sys.argv[1]), n_images=int(sys.argv[2]) if len(sys.argv) > 2 else 6)
+    print(f"{made['images']} (+ YOLO-seg labels in {made['labels']}), {made['coco_poly']}, {made['coco_rle']}")
