@@ -382,12 +382,11 @@ def _plugins_of(source: bytes | Path, name: str) -> list[trt_env.PluginOp]:
                 onnx.save(model, str(path))
                 return trt_env.plugin_ops(path)
         return trt_env.plugin_ops(Path(source))
-    except (onnx.onnx_cpp2py_export.checker.ValidationError, ValueError, OSError) as exc:
-        raise UserError(f"{name} is not a readable ONNX model ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
-    except Exception as exc:  # protobuf DecodeError and friends
-        if type(exc).__module__.startswith("google.protobuf"):
-            raise UserError(f"{name} is not a readable ONNX model ({exc})") from exc
+    except Exception as exc:  # protobuf DecodeError, onnx errors, unreadable file: one line, not a traceback
+        module = type(exc).__module__
+        if isinstance(exc, (ValueError, OSError)) or module.startswith(("google.protobuf", "onnx")):
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise UserError(f"{name} is not a readable ONNX model ({type(exc).__name__}: {first})") from exc
         raise
 
 
