@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from exporter.evaluation.dataset import DatasetError, load_dataset
-from exporter.check.keypoints import (compare_keypoints, detections_to_coco_keypoints, keypoint_gt, score_keypoints,
+from exporter.evaluation.keypoints import (compare_keypoints, detections_to_coco_keypoints, keypoint_gt, score_keypoints,
                                       sigmas_for)
 from runtimes.base import Detections
 from runtimes.keypoints import COCO_SKELETON, draw_keypoints, scale_keypoints, skeleton_for

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from exporter.evaluation.dataset import DatasetError
-from exporter.check.masks import (evaluate_mask_map, has_masks, load_labels, load_segment_dataset, match_masks,
+from exporter.evaluation.masks import (evaluate_mask_map, has_masks, load_labels, load_segment_dataset, match_masks,
                                   score_segm)
 from runtimes.base import Detections
 from runtimes.masks import rle_decode, rle_encode

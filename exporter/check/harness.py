@@ -23,7 +23,7 @@ from ..evaluation.dataset import Dataset
 from ..evaluation.evaluate import EVAL_CONFIG, evaluate_map
 from ..evaluation.latency import MemoryPeak, measure_latency
 from ..evaluation.parity import check_parity, reference_config
-from .masks import evaluate_mask_map, has_masks, load_labels, mask_parity
+from ..evaluation.masks import evaluate_mask_map, has_masks, load_labels, mask_parity
 from .environment import describe_device, ort_device, report_versions, trt_unavailable_reason
 
 log = logging.getLogger("yolo7_export")
@@ -110,7 +110,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         _check_same_model(p, ref.info, cfg.checkpoint)
     ref_batches = _preflight(planned, cfg)
     if ref.info.task == "pose":  # a set without keypoints (or another count) fails now, not after the timing
-        from .keypoints import keypoint_gt
+        from ..evaluation.keypoints import keypoint_gt
 
         keypoint_gt(dataset, ref.info.nkpt)
 
@@ -302,7 +302,7 @@ def _measure(p: _Planned, det: Detector, cfg: BenchConfig, dataset: Dataset, ima
 
 def _keypoints(det: Detector, cfg: BenchConfig, dataset: Dataset, parity_ctx) -> dict:
     """{"ap": KeypointMapResult, "parity": KeypointParity (artifacts only)} as dicts (check/keypoints.py)."""
-    from .keypoints import evaluate_keypoints, keypoint_parity
+    from ..evaluation.keypoints import evaluate_keypoints, keypoint_parity
 
     out = {"ap": evaluate_keypoints(det, dataset, batch_size=cfg.eval_batch, progress=cfg.progress).to_dict(),
            "parity": None}
