@@ -26,6 +26,8 @@ class Detections:
     # segmentation only: from postprocess, soft masks [n,H/4,W/4] at prototype resolution (network input);
     # after detect(), boolean masks [n,h,w] in the image's own pixels (runtimes/masks.py)
     masks: np.ndarray | None = None
+    # pose only: keypoints [n,nkpt,3] (x, y, visibility); input pixels from postprocess, image pixels after detect()
+    keypoints: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -43,6 +45,11 @@ class Detections:
 
             for record, mask in zip(out, self.masks):
                 record["mask"] = rle_encode(mask)
+        if self.keypoints is not None:  # [[x, y, visibility], ...] in the image's own pixels
+            from .keypoints import keypoints_to_list
+
+            for record, kpts in zip(out, self.keypoints):
+                record["keypoints"] = keypoints_to_list(kpts)
         return out
 
 
@@ -147,9 +154,13 @@ class Detector:
     def postprocess(self, outputs: dict[str, np.ndarray], config: DetectConfig | None = None) -> list[Detections]:
         """Contract outputs -> per-image detections in network-input pixels (``config`` as in detect)."""
         if self.info.task == "segment":  # + masks: in-graph det_masks, or decoded here from output + protos
-            from .masks import postprocess_segment
+            from .masks import decode_segment
 
-            return postprocess_segment(outputs, self.info, config or self.config)
+            return [Detections(b, s, c, m) for b, s, c, m in decode_segment(outputs, self.info, config or self.config)]
+        if self.info.task == "pose":  # + keypoints: in-graph det_kpts, or the official keypoint NMS here
+            from .keypoints import postprocess_pose
+
+            return postprocess_pose(outputs, self.info, config or self.config)
         if all(k in outputs for k in NMS_OUTPUTS):
             num, boxes, scores, classes = (outputs[k] for k in NMS_OUTPUTS)
             result = []
@@ -162,7 +173,7 @@ class Detector:
 
         c = config or self.config
         dets = non_max_suppression(outputs[RAW_OUTPUT], conf=c.conf, iou=c.iou, multi_label=c.multi_label,
-                                   agnostic=c.agnostic, max_det=c.max_det)
+                                   agnostic=c.agnostic, max_det=c.max_det, nc=self.info.nc)
         return [Detections(d[:, :4].astype(np.float32), d[:, 4].astype(np.float32), d[:, 5].astype(np.int32))
                 for d in dets]
 
@@ -173,4 +184,9 @@ class Detector:
             from .masks import masks_to_image
 
             masks = masks_to_image(d.masks, (4 * d.masks.shape[1], 4 * d.masks.shape[2]), lb)
-        return Detections(scale_boxes(d.boxes, lb), d.scores, d.classes, masks)
+        keypoints = None
+        if d.keypoints is not None:
+            from .keypoints import scale_keypoints
+
+            keypoints = scale_keypoints(d.keypoints, lb)
+        return Detections(scale_boxes(d.boxes, lb), d.scores, d.classes, masks, keypoints)

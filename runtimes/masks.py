@@ -117,13 +117,13 @@ def draw_masks(image_bgr: np.ndarray, masks: np.ndarray, colors: list[tuple[int,
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-def postprocess_segment(outputs: dict[str, np.ndarray], info, config) -> list:
-    """Contract outputs of a seg artifact -> per-image Detections with soft prototype-resolution masks.
+def decode_segment(outputs: dict[str, np.ndarray], info, config) -> list[tuple[np.ndarray, ...]]:
+    """Contract outputs of a seg artifact -> per image (boxes, scores, classes, soft masks [n,Hp,Wp]).
 
     End-to-end graphs give ``det_masks``; raw graphs (``output`` + ``protos``) are decoded here with
     ``config``'s NMS settings (the official seg NMS is best-class: ``multi_label`` False by default).
+    Plain arrays, not Detections: runtimes.base builds those (this module must not import it back).
     """
-    from .base import Detections
     from .contract import MASK_OUTPUTS, NMS_OUTPUTS, PROTO_OUTPUT, RAW_OUTPUT
 
     result = []
@@ -132,8 +132,8 @@ def postprocess_segment(outputs: dict[str, np.ndarray], info, config) -> list:
         masks = outputs[MASK_OUTPUTS[0]]
         for i in range(len(num)):
             n = int(num[i].reshape(-1)[0])
-            result.append(Detections(boxes[i, :n].astype(np.float32), scores[i, :n].astype(np.float32),
-                                     classes[i, :n].astype(np.int32), masks[i, :n].astype(np.float32)))
+            result.append((boxes[i, :n].astype(np.float32), scores[i, :n].astype(np.float32),
+                           classes[i, :n].astype(np.int32), masks[i, :n].astype(np.float32)))
         return result
     if RAW_OUTPUT in outputs and PROTO_OUTPUT in outputs:
         raw, protos = outputs[RAW_OUTPUT], outputs[PROTO_OUTPUT]
@@ -141,7 +141,7 @@ def postprocess_segment(outputs: dict[str, np.ndarray], info, config) -> list:
                        multi_label=config.multi_label, agnostic=config.agnostic)
         for i, (rows, coefs) in enumerate(dets):
             masks = crop_masks(protos[i], coefs, rows[:, :4], tuple(info.imgsz))
-            result.append(Detections(rows[:, :4], rows[:, 4], rows[:, 5].astype(np.int32), masks))
+            result.append((rows[:, :4], rows[:, 4], rows[:, 5].astype(np.int32), masks))
         return result
     raise ValueError(f"segmentation artifact without masks: expected det_masks (NMS tail) or output + protos, got "
                      f"{sorted(outputs)}")
