@@ -17,6 +17,7 @@ read exactly as a user types them with their own files:
   tests/       -> the repository's tests/ (read only)
 Everything else an example writes (report/, build/, calib.json, ...) stays in the scratch folder. At the end
 the repository's `git status` must be what it was before: an example that writes into tracked files fails.
+`--start-at TEXT` resumes at the first example containing TEXT (out/ keeps what earlier examples wrote).
 """
 from __future__ import annotations
 
@@ -101,9 +102,15 @@ def git_status() -> str:
     return subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
     blocks = bash_blocks((ROOT / "README.md").read_text())[2:]  # 1: set-up, 2: tests (run by .ci/run)
     commands = [c for block in blocks for c in block]
+    if argv[:1] == ["--start-at"] and len(argv) == 2:  # debugging: resume at the first line containing TEXT
+        start = next((i for i, c in enumerate(commands) if argv[1] in c), None)
+        if start is None:
+            print(f"readme examples: no example contains {argv[1]!r}")
+            return 1
+        commands = commands[start:]
     if not commands:
         print("readme examples: no ```bash examples found after the set-up and test blocks")
         return 1
@@ -137,4 +144,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

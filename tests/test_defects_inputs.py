@@ -215,6 +215,9 @@ def test_bench_bad_batches_is_a_usage_error(tmp_path, capsys):
     for value in ("1,x", "a,b", "0"):
         code, err = _run(main, [CKPT, "--data", VAL, "--batches", value, "-o", tmp_path / "r"], capsys)
         assert code == 2 and err.startswith("error: --batches: ") and "\n" not in err, err
+    (tmp_path / "f").write_text("x")
+    code, err = _run(main, [CKPT, "--data", VAL, "-o", tmp_path / "f"], capsys)
+    assert code == 2 and "is an existing file" in err
 
 
 def test_detect_several_sources_and_conf_filter_recorded(tmp_path, capsys):

@@ -77,6 +77,8 @@ def bench_command(checkpoint, artifacts, data, out_dir, img, batches, runs, warm
     def body():
         from .harness import BenchConfig, Gates, run_bench
 
+        if Path(out_dir).exists() and not Path(out_dir).is_dir():
+            raise UserError(f"-o {out_dir} is an existing file; -o names the report folder")
         for name, value in (("--runs", runs), ("--parity-images", parity_images), ("--threads", threads),
                             ("--max-images", max_images)):
             if value is not None and value < 1:
