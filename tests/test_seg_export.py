@@ -156,13 +156,14 @@ def test_nms_and_masks_equal_official(name, mode, seg_models, raw_dynamic):
     assert (up != official).sum() <= 1e-3 * official.sum()
 
 
-def test_batch_mixed_equals_one_by_one(seg_models, raw_dynamic):
-    """Dynamic batch: [image, flipped image, image of another size content] == each image alone."""
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_mixed_equals_one_by_one(mode, seg_models, raw_dynamic):
+    """Dynamic batch: [image, flipped image, darker image] == each image alone, masks included."""
     name = SEG_NAMES[0]
     ckpt, _, _ = seg_models(name)
     ref = seg_reference(name)
     hw = tuple(ref["input"].shape[2:])
-    sess = _sess(_seg_tail(raw_dynamic(name), ckpt, hw, topk=100))
+    sess = _sess(_seg_tail(raw_dynamic(name), ckpt, hw, mode, topk=100))
     x = ref["input"]
     batch = np.concatenate([x, x[..., ::-1].copy(), np.clip(x * 0.7 + 0.2, 0, 1).astype(np.float32)])
     together = sess.run(None, {"images": batch})
