@@ -20,7 +20,8 @@ Examples:
   yolo7-export best.pt --fp16 --dynamic-batch   # FP16 ONNX, batch chosen at run time
   yolo7-export best.pt --int8 --calib images/   # INT8 Q/DQ calibrated on your images (CPU)
   yolo7-export best.pt --trt --fp16             # + engine: TensorRT-RTX (no GPU needed) or TensorRT 10/11
-Outputs go to --out (default ./out): <name>[.fp16|.int8].onnx, .engine + .engine.json, manifest.json.
+Outputs go to --out (default ./out): <name>[.fp16|.int8].onnx, .engine + .engine.json, manifest.json;
+an artifact there made with other settings is not replaced unless --overwrite (use one -o per setting).
 """
 
 

@@ -127,7 +127,8 @@ def test_repository_matches_the_onnx_io(tmp_path, nms, dynamic):
     folder = tmp_path / "repo" / "yolov7-tiny-shapes_onnx"
     cfg = check_against_onnx(folder, result.onnx_path, None if dynamic else 2)
     outputs = [t["name"][0] for t in cfg["output"]]
-    assert outputs == (["output"] if nms == "none" else ["num_dets", "det_boxes", "det_scores", "det_classes"])
+    assert outputs == (["output"] if nms == "none" else  # the onnx tail also reports det_indices (contract.py)
+                       ["num_dets", "det_boxes", "det_scores", "det_classes", "det_indices"])
     manifest = json.loads(result.manifest_path.read_text())
     assert manifest["triton_repository"] == str(folder)
 
