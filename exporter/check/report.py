@@ -77,8 +77,8 @@ def _mask_table(report: dict) -> list[str]:
                    f"{_f(m.get('box_map50_95'))} | {_f(m.get('box_map50'))} | {matched} | {_f(p.get('mean_iou'), '.4f')} | "
                    f"{_f(p.get('min_iou'), '.4f')} | {_f(None if share is None else 100 * share, '.1f')}{'%' if p else ''} |")
     return out + ["", "Mask mAP: COCO segm (faster-coco-eval) with the official seg val.py protocol (conf 0.001, "
-                  "IoU 0.6, multi-label, 300 detections); masks cropped at prototype resolution, upsampled, mapped "
-                  "to the image. Mask parity: IoU of the masks of detections matched to PyTorch's (same class, box "
+                  "IoU 0.6, multi-label, 300 detections; NMS-tail artifacts keep their own NMS settings); masks cropped "
+                  "at prototype resolution, upsampled, mapped to the image. Mask parity: IoU of the masks of detections matched to PyTorch's (same class, box "
                   "IoU >= 0.9).", ""]
 
 
