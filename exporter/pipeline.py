@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import onnx
@@ -62,14 +62,14 @@ def run(opts: ExportOptions) -> PipelineResult:
     t0 = time.perf_counter()
     requested_nms = opts.nms.mode
     if opts.trt.enabled:  # fail before minutes of export/calibration if no engine can be built here
-        from .trt_build import preflight
+        from .trt_checks import preflight
 
         preflight(opts.trt)  # also resolves opts.trt.lib ('auto' -> 'tensorrt' | 'rtx') for the NMS choice
-    opts.nms.mode = resolve_nms_mode(opts)
-    if opts.trt.enabled or opts.nms.mode == "efficient":  # plugin limits, RTX / --version-compatible refusals
-        from .trt_build import check_nms
+    nms = replace(opts.nms, mode=resolve_nms_mode(opts))  # the effective NMS settings, a value (opts is not changed)
+    if opts.trt.enabled or nms.mode == "efficient":  # plugin limits, RTX / --version-compatible refusals
+        from .trt_checks import check_nms
 
-        check_nms(opts.trt, opts.nms.mode, opts.nms.conf, opts.nms.iou, opts.nms.topk)
+        check_nms(opts.trt, nms.mode, nms.conf, nms.iou, nms.topk)
     if opts.precision == "int8":  # fail at once on a bad --calib, not after export
         from .precision.calib_data import check_source
 
@@ -81,11 +81,11 @@ def run(opts: ExportOptions) -> PipelineResult:
     if ckpt.task == "segment":  # masks need det_indices: no EfficientNMS_TRT; u7 seg NMS scores obj*cls always
         from .nms_masks import seg_nms_options
 
-        opts.nms = seg_nms_options(opts.nms, requested_nms)
+        nms = seg_nms_options(nms, requested_nms)
     if ckpt.task == "pose":  # keypoints need det_indices: no EfficientNMS_TRT; the kpt NMS scores obj*cls always
         from .nms_keypoints import pose_nms_options
 
-        opts.nms = pose_nms_options(opts.nms, requested_nms)
+        nms = pose_nms_options(nms, requested_nms)
     imgsz = check_image_size(opts.imgsz or default_imgsz(ckpt), ckpt.max_stride)
     info = ModelInfo(names=ckpt.names, stride=ckpt.stride, imgsz=imgsz, nms="none", precision="fp32",
                      batch=None if opts.dynamic_batch else opts.batch, source_sha256=ckpt.sha256,
@@ -95,36 +95,36 @@ def run(opts: ExportOptions) -> PipelineResult:
         from .onnx_export import resolve_dynamic_sizes
 
         sizes = resolve_dynamic_sizes(imgsz, opts.min_imgsz, opts.max_imgsz, ckpt.max_stride)
-        info.batch, info.dynamic_hw, info.min_imgsz = None, True, sizes[0]
+        info = replace(info, batch=None, dynamic_hw=True, min_imgsz=sizes[0])
     cfg = ExportConfig(imgsz=imgsz, batch=opts.batch, dynamic_batch=opts.dynamic_batch or opts.dynamic,
                        dynamic_size=opts.dynamic, opset=opts.opset, simplify=opts.simplify)
     refuse_replacing(Path(opts.out_dir) / f"{artifact_stem(opts)}.onnx", {  # before minutes of export
-        "imgsz": imgsz, "batch": info.batch, "dynamic_hw": info.dynamic_hw, "nms": opts.nms.mode,
-        "nms_params": asdict(opts.nms) if opts.nms.mode != "none" else {}, "precision": opts.precision,
+        "imgsz": imgsz, "batch": info.batch, "dynamic_hw": info.dynamic_hw, "nms": nms.mode,
+        "nms_params": asdict(nms) if nms.mode != "none" else {}, "precision": opts.precision,
         "task": info.task}, getattr(opts, "overwrite", False))
     log.info("exporting %s (%d classes, strides %s) at %dx%d", opts.checkpoint.name, ckpt.nc,
              [int(s) for s in ckpt.stride], *imgsz)
     proto = export_onnx(model, info, cfg)
-    manifest = Manifest(input_path=str(opts.checkpoint), input_sha256=ckpt.sha256, flags=_flags(opts))
+    manifest = Manifest(input_path=str(opts.checkpoint), input_sha256=ckpt.sha256, flags=_flags(replace(opts, nms=nms)))
     reports: dict = {}
 
-    proto = _apply_precision(proto, info, opts, reports)
-    if opts.nms.mode != "none":
+    proto, info = _apply_precision(proto, info, opts, reports)
+    if nms.mode != "none":
         from .nms_tail import append_nms
 
         if info.task == "segment":
             from .nms_masks import append_masks
 
-            proto = append_nms(proto, opts.nms, len(info.names), keep_raw=True)
+            proto = append_nms(proto, nms, len(info.names), keep_raw=True)
             proto = append_masks(proto, info.nc, info.nm, None if opts.dynamic else imgsz)
         elif info.task == "pose":
             from .nms_keypoints import append_keypoints
 
-            proto = append_nms(proto, opts.nms, len(info.names), keep_raw=True)
+            proto = append_nms(proto, nms, len(info.names), keep_raw=True)
             proto = append_keypoints(proto, info.nc, info.nkpt)
         else:
-            proto = append_nms(proto, opts.nms, len(info.names))
-        info.nms, info.nms_params = opts.nms.mode, asdict(opts.nms)
+            proto = append_nms(proto, nms, len(info.names))
+        info = replace(info, nms=nms.mode, nms_params=asdict(nms))
     proto = finalize(proto, info)
 
     out_dir = Path(opts.out_dir)
@@ -182,10 +182,12 @@ def _check(opts: ExportOptions, result: PipelineResult, manifest: Manifest, repo
             manifest.add_output(path, "check_report", name=str(path.relative_to(opts.out_dir)))
 
 
-def _apply_precision(proto: onnx.ModelProto, info: ModelInfo, opts: ExportOptions, reports: dict) -> onnx.ModelProto:
-    """FP16 casts or INT8 Q/DQ written into the raw graph (before the NMS tail, which stays FP32)."""
+def _apply_precision(proto: onnx.ModelProto, info: ModelInfo, opts: ExportOptions,
+                     reports: dict) -> tuple[onnx.ModelProto, ModelInfo]:
+    """FP16 casts or INT8 Q/DQ written into the raw graph (before the NMS tail, which stays FP32); the graph and
+    its ModelInfo, a new value (the raw graph's info is not changed)."""
     if opts.precision == "fp32":
-        return proto
+        return proto, info
     if opts.precision == "fp16":
         from .precision.fp16 import convert_fp16
 
@@ -196,8 +198,7 @@ def _apply_precision(proto: onnx.ModelProto, info: ModelInfo, opts: ExportOption
         proto, reports["int8"] = quantize_int8(proto, info, opts.calib)
     else:
         raise UserError(f"unknown precision {opts.precision!r}")
-    info.precision = opts.precision
-    return proto
+    return proto, replace(info, precision=opts.precision)
 
 
 def _relative(path: Path, base: Path) -> str:
