@@ -127,9 +127,15 @@ def _iter_modules(root: PickledObject, path: Path) -> Iterator[tuple[str, Pickle
 
 
 def _flatten_state(root: PickledObject, prefix: str, path: Path) -> tuple[dict[str, torch.Tensor], collections.Counter]:
-    """The flat state dict (floats as fp32) and a census of module classes."""
+    """The flat state dict (floats as fp32) and a census of module classes.
+
+    Tensors are views of the file's storage records, and many views may share one record; the fp32 copies
+    made here are bounded by the file's size (every element needs at least one byte in it), so 2,000 views
+    of one 2 MB fp16 record cannot ask for 8 GB.
+    """
     out: dict[str, torch.Tensor] = {}
     census: collections.Counter = collections.Counter()
+    budget = path.stat().st_size + (1 << 20)
     for sub, module in _iter_modules(root, path):
         census[module.class_path] += 1
         for key in ("_parameters", "_buffers"):
@@ -142,6 +148,10 @@ def _flatten_state(root: PickledObject, prefix: str, path: Path) -> tuple[dict[s
                 if not isinstance(tensor, torch.Tensor):
                     raise UserError(f"corrupt checkpoint: {prefix}{sub}{name} is a {type(tensor).__name__}, "
                                     "not a tensor")
+                budget -= tensor.numel()
+                if budget < 0:
+                    raise UserError(f"refused to load: {path}'s tensors claim more elements than the file holds "
+                                    "(overlapping views of one storage record; crafted file)")
                 out[f"{prefix}{sub}{name}"] = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
     return out, census
 
@@ -180,7 +190,7 @@ def _pick_model(obj: Any, path: Path) -> tuple[PickledObject, str]:
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path} is a plain state dict without the architecture; export needs the official "
                         "training checkpoint (with 'model' and its yaml), e.g. runs/train/exp/weights/best.pt")
-    keys = [str(k)[:40] for k in list(obj)[:8]]
+    keys = [k[:40] if isinstance(k, str) else type(k).__name__ for k in list(obj)[:8]]
     raise UserError(f"not a YOLOv7 checkpoint: {path} has no 'model' or 'ema' entry (keys: {keys})")
 
 

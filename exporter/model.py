@@ -123,7 +123,7 @@ def _bounded(value, lo: float, hi: float, what: str, integer: bool = True):
     ok = (type(value) is int) if integer else (isinstance(value, (int, float)) and not isinstance(value, bool))
     if not ok or not (lo <= value <= hi) or value != value:
         kind = "an integer" if integer else "a number"
-        raise UserError(f"checkpoint yaml: {what} is {value!r}; expected {kind} in {lo:g}..{hi:g}")
+        raise UserError(f"checkpoint yaml: {what} is {repr(value)[:60]}; expected {kind} in {lo:g}..{hi:g}")
     return value
 
 
@@ -143,7 +143,7 @@ def _parse(cfg: dict, spec: BuildSpec) -> tuple[list[nn.Module], list[int]]:
     rows = list(cfg["backbone"]) + list(cfg["head"])
     for i, row in enumerate(rows):
         if not isinstance(row, (list, tuple)) or len(row) != 4:
-            raise UserError(f"malformed yaml row {i}: {row!r}")
+            raise UserError(f"malformed yaml row {i}: {repr(row)[:80]}")
         f, n, name, args = row
         if name not in SUPPORTED_MODULES:
             raise UserError(f"unsupported module '{name}' in layer {i} of the checkpoint's yaml: not a YOLOv7 "

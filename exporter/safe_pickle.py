@@ -184,7 +184,7 @@ def _restricted_getattr(obj: Any, name: Any, *default: Any) -> PickledFunction:
     path = getattr(obj, "_pickled_path", None) if isinstance(obj, type) and issubclass(obj, PickledObject) else None
     if default or path is None or not isinstance(name, str) or (path, name) not in _GETATTR_ALLOWED:
         shown = path or type(obj).__name__
-        raise _refuse(f"'getattr({shown}, {name!r})'")
+        raise _refuse(f"'getattr({shown}, {name[:40]!r})'" if isinstance(name, str) else f"'getattr({shown}, ...)'")
     return PickledFunction(f"{path}.{name}")
 
 
@@ -254,53 +254,125 @@ def _arg_end(data: bytes, pos: int, op: pickletools.OpcodeInfo) -> int:
     return end
 
 
-# opcode byte -> (OpcodeInfo, fixed argument width or -1 when the width is read from the data)
-_OP_TABLE: list[tuple[Any, int]] = [(None, 0)] * 256
+# How each opcode moves the (simulated) stack: how many items it pops, or MARK = pop to the last mark.
+_MARK = -1
+_PUSH, _SETMARK, _NEW, _ADD, _GET, _PUT, _POP, _DUP, _NONE = range(9)
+_EFFECT: dict[str, tuple[int, int]] = {  # name -> (kind, pops)
+    **{n: (_PUSH, 0) for n in ("NONE NEWTRUE NEWFALSE INT BININT BININT1 BININT2 LONG LONG1 LONG4 FLOAT BINFLOAT "
+                               "STRING BINSTRING SHORT_BINSTRING UNICODE BINUNICODE SHORT_BINUNICODE BINUNICODE8 "
+                               "BINBYTES SHORT_BINBYTES BINBYTES8 BYTEARRAY8 EMPTY_TUPLE EMPTY_LIST EMPTY_DICT "
+                               "EMPTY_SET GLOBAL").split()},
+    "MARK": (_SETMARK, 0),
+    **{n: (_NEW, _MARK) for n in ("TUPLE", "LIST", "DICT", "FROZENSET")},
+    "TUPLE1": (_NEW, 1), "TUPLE2": (_NEW, 2), "TUPLE3": (_NEW, 3),
+    "STACK_GLOBAL": (_NEW, 2), "BINPERSID": (_NEW, 1), "REDUCE": (_NEW, 2), "NEWOBJ": (_NEW, 2),
+    "NEWOBJ_EX": (_NEW, 3),
+    "APPEND": (_ADD, 1), "SETITEM": (_ADD, 2), "BUILD": (_ADD, 1),
+    **{n: (_ADD, _MARK) for n in ("APPENDS", "SETITEMS", "ADDITEMS")},
+    **{n: (_GET, 0) for n in ("GET", "BINGET", "LONG_BINGET")},
+    **{n: (_PUT, 0) for n in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE")},
+    "POP": (_POP, 1), "POP_MARK": (_POP, _MARK), "DUP": (_DUP, 0),
+    **{n: (_NONE, 0) for n in ("PROTO", "FRAME", "STOP")},
+}
+# opcode byte -> (OpcodeInfo, fixed argument width or -1 when read from the data, kind, pops); None: refused
+_OP_TABLE: list[tuple[Any, int, int, int] | None] = [None] * 256
 for _op in pickletools.opcodes:
-    _OP_TABLE[ord(_op.code)] = (_op, -1 if _op.arg is not None and _op.arg.n < 0 else (_op.arg.n if _op.arg else 0))
+    if _op.name in _EFFECT:
+        _OP_TABLE[ord(_op.code)] = (_op, -1 if _op.arg is not None and _op.arg.n < 0 else (_op.arg.n if _op.arg else 0),
+                                    *_EFFECT[_op.name])
+assert set(_EFFECT) == _ALLOWED_OPS
+MAX_EXPANDED = 4_000_000  # objects in the pickle with shared references unrolled (fixtures: < 130,000)
 
 
 def prescan(data: bytes) -> None:
-    """Walk the opcodes without executing them; refuse what could make the unpickler allocate unboundedly.
+    """Walk the opcodes without executing them; refuse what could make the unpickler (or us) work unboundedly.
 
-    A lean walk over :data:`pickletools.code2op` (``pickletools.genops`` decodes every argument and took
-    ~0.6 s on a yolov7-e6e pickle; this takes a fraction). Checks: only opcodes torch writes; declared
-    lengths within the data; each memo index the next free slot; a STOP at the end.
+    Checks: only opcodes torch writes; declared lengths within the data; each memo index the next free slot
+    (a memo index of 1.4e9 made the C unpickler allocate 21 GB); a STOP at the end. The stack is simulated
+    with one number per object: its size with every shared (memo) reference unrolled. A pickle can
+    reference a tuple twice at each of 60 levels in a few hundred bytes; hashing it as a dict key or set
+    member (or printing it) then visits 2**60 nodes inside the C unpickler, where no budget of ours applies.
+    Anything above :data:`MAX_EXPANDED` is refused. A lean loop (``pickletools.genops`` took ~0.6 s on a
+    yolov7-e6e pickle, this about half).
     """
     if len(data) > MAX_PICKLE_BYTES:
         raise UserError(f"refused to load: the checkpoint's pickle is {len(data)} bytes (limit {MAX_PICKLE_BYTES}); "
                         "official checkpoints hold well under 1 MB of pickle")
     table = _OP_TABLE
-    memo_next = pos = 0
-    size = len(data)
+    limit = max(MAX_EXPANDED, 2 * len(data))
+    memo: list[list[int]] = []
+    stack: list[list[int]] = []  # one mutable [expanded size] cell per object
+    marks: list[int] = []
+    pos, size = 0, len(data)
     try:
         while True:
             if pos >= size:
                 raise ValueError("no STOP opcode")
-            op, width = table[data[pos]]
-            if op is None:
-                raise ValueError(f"unknown opcode {data[pos]:#x} at byte {pos}")
+            entry = table[data[pos]]
+            if entry is None:
+                info = pickletools.code2op.get(chr(data[pos]))
+                if info is None:
+                    raise ValueError(f"unknown opcode {data[pos]:#x} at byte {pos}")
+                raise UserError(f"refused to load: the checkpoint's pickle uses opcode {info.name} at byte {pos}, "
+                                "which torch.save never writes (nothing was executed)")
+            op, width, kind, pops = entry
             start = pos + 1
             pos = start + width if width >= 0 else _arg_end(data, start, op)
             if pos > size:
                 raise ValueError(f"opcode {op.name} runs past the end of the data")
-            name = op.name
-            if name not in _ALLOWED_OPS:
-                raise UserError(f"refused to load: the checkpoint's pickle uses opcode {name} at byte {start - 1}, "
-                                "which torch.save never writes (nothing was executed)")
-            if name == "STOP":
-                break
-            if name == "BINPUT" or name == "LONG_BINPUT" or name == "PUT":
-                index = int(data[start:pos]) if name == "PUT" else int.from_bytes(data[start:pos], "little")
-                if index > memo_next:  # torch's pickler always uses the next free slot
+            if kind == _PUSH:
+                stack.append([1])
+                continue
+            if kind == _GET:
+                stack.append(memo[int(data[start:pos]) if op.name == "GET" else int.from_bytes(data[start:pos], "little")])
+                continue
+            if kind == _PUT:
+                if op.name == "MEMOIZE":
+                    index = len(memo)
+                else:
+                    index = int(data[start:pos]) if op.name == "PUT" else int.from_bytes(data[start:pos], "little")
+                if index > len(memo):  # torch's pickler always uses the next free slot
                     raise UserError(f"corrupt checkpoint: pickle memo index {index} at byte {start - 1} skips ahead "
-                                    f"of {memo_next} entries (damaged or crafted data.pkl)")
-                memo_next = max(memo_next, index + 1)
-            elif name == "MEMOIZE":
-                memo_next += 1
+                                    f"of {len(memo)} entries (damaged or crafted data.pkl)")
+                if index == len(memo):
+                    memo.append(stack[-1])
+                else:
+                    memo[index] = stack[-1]
+                continue
+            if kind == _SETMARK:
+                marks.append(len(stack))
+                continue
+            if kind == _NONE:
+                if op.name == "STOP":
+                    break
+                continue
+            if pops == _MARK:
+                cut = marks.pop()
+                if cut > len(stack):
+                    raise ValueError("mark above the stack")
+            else:
+                cut = len(stack) - pops
+                if cut < 0 or (marks and cut < marks[-1]):
+                    raise ValueError(f"stack underflow at {op.name}")
+            weight = sum(cell[0] for cell in stack[cut:])
+            del stack[cut:]
+            if kind == _NEW:
+                stack.append([1 + weight])
+                cell = stack[-1]
+            elif kind == _ADD:
+                cell = stack[-1]
+                cell[0] += weight
+            elif kind == _DUP:
+                stack.append(stack[-1])
+                continue
+            else:  # _POP
+                continue
+            if cell[0] > limit:
+                raise UserError(f"refused to load: the checkpoint's pickle builds an object of more than "
+                                f"{limit} nodes from shared references (at byte {start - 1}; crafted data.pkl)")
     except UserError:
         raise
-    except Exception as exc:  # truncated or malformed opcodes
+    except Exception as exc:  # truncated or malformed opcodes, stack misuse
         raise UserError(f"corrupt checkpoint: data.pkl is not a valid pickle ({first_line(exc)})") from exc
 
 
@@ -328,10 +400,10 @@ class SafeUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise UserError(f"corrupt checkpoint: unexpected persistent id in data.pkl ({str(pid)[:80]})")
+            raise UserError(f"corrupt checkpoint: unexpected persistent id in data.pkl (a {type(pid).__name__})")
         _, stype, key, _location, numel = pid
         if not isinstance(stype, StorageType) or not isinstance(key, str) or type(numel) is not int or numel < 0:
-            raise UserError(f"corrupt checkpoint: malformed storage reference in data.pkl ({str(pid)[:80]})")
+            raise UserError("corrupt checkpoint: malformed storage reference in data.pkl")
         if key in self._storages:
             dtype, storage = self._storages[key]
             if dtype != stype.dtype:
