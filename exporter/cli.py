@@ -138,7 +138,7 @@ def export_command(checkpoint, out_dir, img, batch, dynamic_batch, opset, simpli
             raise UserError("--best-class needs --nms onnx or portable (EfficientNMS_TRT is always multi-label)")
         if nms == "portable" and topk > nms_candidates:
             raise UserError(f"--topk {topk} is more than --nms-candidates {nms_candidates}; raise --nms-candidates")
-        from .trt_build import check_efficient_nms, parse_arch
+        from .trt_checks import check_efficient_nms, parse_arch
 
         if nms == "efficient":
             check_efficient_nms(conf, iou, topk)
