@@ -102,17 +102,37 @@ def _ort(proto: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
     return dict(zip([o.name for o in s.get_outputs()], s.run(None, {"images": x})))
 
 
+_RAW: dict = {}
+
+
+def _raw_proto(ckpt, size, fused: bool, dynamic_batch: bool = False) -> onnx.ModelProto:
+    """The raw pose graph exported once per (checkpoint, size, fused, dynamic); tails are added by surgery."""
+    key = (ckpt.sha256, size, fused, dynamic_batch)
+    if key not in _RAW:
+        model = build_model(ckpt)
+        if fused:
+            fuse_model(model)
+        info = ModelInfo(names=ckpt.names, stride=ckpt.stride, imgsz=size, task="pose", nkpt=ckpt.nkpt,
+                         batch=None if dynamic_batch else 1)
+        _RAW[key] = export_onnx(model, info, ExportConfig(imgsz=size, dynamic_batch=dynamic_batch))
+    return _RAW[key]
+
+
+def _with_tail(raw: onnx.ModelProto, mode: str) -> onnx.ModelProto:
+    """The pipeline's pose tail on a raw graph: pose NMS options, append_nms(keep_raw) + append_keypoints."""
+    from exporter.nms_keypoints import append_keypoints, pose_nms_options
+    from exporter.nms_tail import append_nms
+
+    nms = pose_nms_options(NmsOptions(mode=mode, conf=0.25, iou=0.45, topk=300), mode)
+    return append_keypoints(append_nms(raw, nms, 1, keep_raw=True), 1, NKPT)
+
+
 def test_onnx_unfused_and_fused_match_official(fixture):
     name, d, ckpt = fixture
     x = _input(d)
     size = tuple(x.shape[2:])
-    info = ModelInfo(names=ckpt.names, stride=ckpt.stride, imgsz=size, task="pose", nkpt=ckpt.nkpt)
     for fused in (False, True):
-        model = build_model(ckpt)
-        if fused:
-            fuse_model(model)
-        proto = export_onnx(model, info, ExportConfig(imgsz=size))
-        out = _ort(proto, x)["output"]
+        out = _ort(_raw_proto(ckpt, size, fused), x)["output"]
         assert out.shape == (1, d["out"].shape[1], 5 + 1 + 3 * NKPT)
         assert_rows_close(out, d["out"], f"{name} ORT {'fused' if fused else 'unfused'}")
 
@@ -133,11 +153,10 @@ def _nms_export(tmp: Path, name: str, size, mode: str, **kw) -> Path:
 
 
 @pytest.mark.parametrize("mode", ["portable", "onnx"])
-def test_nms_tail_keypoints_equal_official(fixture, mode, tmp_path):
-    name, d, _ = fixture
+def test_nms_tail_keypoints_equal_official(fixture, mode):
+    name, d, ckpt = fixture
     x = _input(d)
-    path = _nms_export(tmp_path, name, tuple(x.shape[2:]), mode)
-    proto = onnx.load(str(path))
+    proto = _with_tail(_raw_proto(ckpt, tuple(x.shape[2:]), fused=True), mode)
     assert [o.name for o in proto.graph.output][-1] == KPT_OUTPUT
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["yolo7_export.task"]) == "pose" and json.loads(meta["yolo7_export.nkpt"]) == NKPT
@@ -157,14 +176,11 @@ def test_nms_tail_keypoints_equal_official(fixture, mode, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def dynamic_exports(tmp_path_factory):
+def dynamic_exports():
     """The smallest fixture exported with a dynamic batch: raw and both NMS tails."""
     d = _data(SMALL)
-    size = tuple(d["image_u8"].shape[2:])
-    out = {}
-    for mode in ("none", "portable", "onnx"):
-        out[mode] = onnx.load(str(_nms_export(tmp_path_factory.mktemp(mode), SMALL, size, mode, dynamic_batch=True)))
-    return d, out
+    raw = _raw_proto(load_checkpoint(POSE / f"{SMALL}.pt"), tuple(d["image_u8"].shape[2:]), True, dynamic_batch=True)
+    return d, {"none": raw, "portable": _with_tail(raw, "portable"), "onnx": _with_tail(raw, "onnx")}
 
 
 def _mixed_batch(d: dict) -> np.ndarray:
@@ -208,12 +224,18 @@ def test_det_kpts_are_the_kept_rows_keypoints(dynamic_exports):
         np.testing.assert_allclose(o[KPT_OUTPUT][b, :n].reshape(n, -1), raw[b, rows, 6:], atol=1e-4)
 
 
-def test_export_is_deterministic(tmp_path):
+def test_pipeline_export_is_deterministic_and_carries_pose_metadata(tmp_path):
     d = _data(SMALL)
     size = tuple(d["image_u8"].shape[2:])
-    a = _nms_export(tmp_path / "a", SMALL, size, "portable").read_bytes()
-    b = _nms_export(tmp_path / "b", SMALL, size, "portable").read_bytes()
-    assert a == b
+    a = _nms_export(tmp_path / "a", SMALL, size, "portable")
+    b = _nms_export(tmp_path / "b", SMALL, size, "portable")
+    assert a.read_bytes() == b.read_bytes()
+    proto = onnx.load(str(a))
+    meta = {p.key: json.loads(p.value) for p in proto.metadata_props}
+    assert meta["yolo7_export.task"] == "pose" and meta["yolo7_export.nkpt"] == NKPT
+    assert meta["yolo7_export.nms_params"]["obj_only_single_class"] is False  # official kpt NMS: obj * cls
+    assert [o.name for o in proto.graph.output] == ["num_dets", "det_boxes", "det_scores", "det_classes",
+                                                    NMS_INDICES, KPT_OUTPUT]
 
 
 def test_efficient_tail_refused_for_pose(tmp_path):
