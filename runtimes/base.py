@@ -158,9 +158,10 @@ class Detector:
 
             return [Detections(b, s, c, m) for b, s, c, m in decode_segment(outputs, self.info, config or self.config)]
         if self.info.task == "pose":  # + keypoints: in-graph det_kpts, or the official keypoint NMS here
-            from .keypoints import postprocess_pose
+            from .keypoints import decode_pose
 
-            return postprocess_pose(outputs, self.info, config or self.config)
+            return [Detections(b, s, c, keypoints=k) for b, s, c, k in decode_pose(outputs, self.info,
+                                                                                   config or self.config)]
         if all(k in outputs for k in NMS_OUTPUTS):
             num, boxes, scores, classes = (outputs[k] for k in NMS_OUTPUTS)
             result = []

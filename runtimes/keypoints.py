@@ -66,11 +66,10 @@ def non_max_suppression_kpt(pred: np.ndarray, nc: int, nkpt: int, conf: float = 
     return out
 
 
-def postprocess_pose(outputs: dict[str, np.ndarray], info: ModelInfo, config) -> list:
-    """Contract outputs of a pose artifact -> per-image Detections with keypoints [n,nkpt,3] (input pixels):
-    the in-graph ``det_kpts`` when there is an NMS tail, else the official keypoint NMS on ``output``."""
-    from .base import Detections
-
+def decode_pose(outputs: dict[str, np.ndarray], info: ModelInfo, config) -> list[tuple[np.ndarray, ...]]:
+    """Contract outputs of a pose artifact -> per image (boxes, scores, classes, keypoints [n,nkpt,3]) in input
+    pixels: the in-graph ``det_kpts`` when there is an NMS tail, else the official keypoint NMS on ``output``.
+    Arrays, not Detections: ``Detector.postprocess`` builds those (no runtimes.base <-> keypoints import circle)."""
     nkpt = int(info.nkpt)
     if all(k in outputs for k in NMS_OUTPUTS):
         if KPT_OUTPUT not in outputs:
@@ -80,15 +79,14 @@ def postprocess_pose(outputs: dict[str, np.ndarray], info: ModelInfo, config) ->
         result = []
         for i in range(len(num)):
             n = int(num[i].reshape(-1)[0])
-            result.append(Detections(boxes[i, :n].astype(np.float32), scores[i, :n].astype(np.float32),
-                                     classes[i, :n].astype(np.int32),
-                                     keypoints=kpts[i, :n].astype(np.float32).reshape(n, nkpt, 3)))
+            result.append((boxes[i, :n].astype(np.float32), scores[i, :n].astype(np.float32),
+                           classes[i, :n].astype(np.int32), kpts[i, :n].astype(np.float32).reshape(n, nkpt, 3)))
         return result
     dets = non_max_suppression_kpt(outputs[RAW_OUTPUT], info.nc, nkpt, conf=config.conf, iou=config.iou,
                                    max_det=config.max_det, agnostic=config.agnostic,
                                    multi_label=config.multi_label)
-    return [Detections(d[:, :4].copy(), d[:, 4].copy(), d[:, 5].astype(np.int32),
-                       keypoints=d[:, 6:].reshape(len(d), nkpt, 3).copy()) for d in dets]
+    return [(d[:, :4].copy(), d[:, 4].copy(), d[:, 5].astype(np.int32), d[:, 6:].reshape(len(d), nkpt, 3).copy())
+            for d in dets]
 
 
 def kept_indices(outputs: dict[str, np.ndarray]) -> np.ndarray | None:
