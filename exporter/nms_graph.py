@@ -5,7 +5,8 @@ below make a TopK-based selection independent of TopK's order among equal values
 not promise (its docs: "the ordering of ... the same score is unspecified"):
 
 * ``top_set``: the k best entries of each row by (value desc, index asc), as a set;
-* ``precedence``: the [k,k] "j comes before i" relation for that order, and each entry's rank.
+* ``precedence``: the [k,k] "j comes before i" relation for that order;
+* ``ordered_top``: both, plus the permutation: the k best in that order.
 
 Every TopK here has a constant K (TensorRT rejects K > 3840), and every output has a fixed shape.
 """
@@ -100,8 +101,7 @@ def top_set(b: Builder, values, k: int, index=None):
     top_vals, _ = b.op("TopK", [values, kk], topk, dtype=[F32, I64], n_out=2)
     t = b.slice(top_vals, k - 1, k, 1, F32)  # [B,1]
     if index is None:
-        length = b.op("Gather", [b.op("Shape", [values], dtype=I64), b.const(1, I64)], {"axis": 0}, dtype=I64)
-        index = b.cast(b.op("Range", [b.const(0, I64), length, b.const(1, I64)], dtype=I64), FLOAT, F32)
+        index = position_index(b, values)
     tied = b.op("Where", [b.op("Equal", [values, t], dtype=BOOL),
                           b.op("Sub", [b.const(float(KEY_LIMIT), F32), index], dtype=F32), b.const(-1.0, F32)],
                 dtype=F32)
@@ -112,15 +112,33 @@ def top_set(b: Builder, values, k: int, index=None):
 
 
 def precedence(b: Builder, s, pos_f):
-    """s, pos_f [B,k] float32 (score, candidate index) -> before [B,k,k] bool (before[i,j]: j precedes i, i.e.
-    s_j > s_i, or s_j == s_i and pos_j < pos_i: the official stable sort) and rank [B,k] float (how many
-    precede; distinct when the indices are)."""
+    """s, pos_f [B,k] float32 (score, candidate index) -> before [B,k,k] bool: before[i,j] when j precedes i,
+    i.e. s_j > s_i, or s_j == s_i and pos_j < pos_i (the official stable sort). Outer comparisons only."""
     s_i, s_j = b.unsqueeze(s, 2, dtype=F32), b.unsqueeze(s, 1, dtype=F32)
     p_i, p_j = b.unsqueeze(pos_f, 2, dtype=F32), b.unsqueeze(pos_f, 1, dtype=F32)
     tie_first = b.op("And", [b.op("Equal", [s_j, s_i], dtype=BOOL), b.op("Less", [p_j, p_i], dtype=BOOL)], dtype=BOOL)
-    before = b.op("Or", [b.op("Greater", [s_j, s_i], dtype=BOOL), tie_first], dtype=BOOL)
-    rank = b.reduce("ReduceSum", b.cast(before, FLOAT, F32), 2, F32)
-    return before, rank
+    return b.op("Or", [b.op("Greater", [s_j, s_i], dtype=BOOL), tie_first], dtype=BOOL)
+
+
+def ordered_top(b: Builder, values, k: int, index=None):
+    """values [B,L] (missing -1), index [B,L] float32 (default: position) -> slots [B,k] int64 into the row, in
+    (value desc, index asc) order, and their values [B,k] (-1 for missing). ``top_set`` picks the set, a [k,k]
+    precedence count ranks it (distinct ranks: indices are distinct), one more TopK applies the order."""
+    slot, s = top_set(b, values, k, index=index)
+    pos_f = b.cast(slot, FLOAT, F32) if index is None else b.op("GatherElements", [index, slot], {"axis": 1},
+                                                                 dtype=F32)
+    rank = b.reduce("ReduceSum", b.cast(precedence(b, s, pos_f), FLOAT, F32), 2, F32)
+    key = b.op("Sub", [b.const(float(k), F32), rank], dtype=F32)  # k..1, distinct
+    _, order = b.op("TopK", [key, b.const([k], I64)], {"axis": 1, "largest": 1, "sorted": 1}, dtype=[F32, I64],
+                    n_out=2)
+    return (b.op("GatherElements", [slot, order], {"axis": 1}, dtype=I64),
+            b.op("GatherElements", [s, order], {"axis": 1}, dtype=F32))
+
+
+def position_index(b: Builder, values):
+    """[B,L] -> [L] float32 0..L-1 (broadcasts as every row's index; exact below 2^24)."""
+    length = b.op("Gather", [b.op("Shape", [values], dtype=I64), b.const(1, I64)], {"axis": 0}, dtype=I64)
+    return b.cast(b.op("Range", [b.const(0, I64), length, b.const(1, I64)], dtype=I64), FLOAT, F32)
 
 
 def pad_columns(b: Builder, values, n: int, value: float = -1.0):
@@ -135,16 +153,18 @@ def gather_rows(b: Builder, x, index, width: int, dtype=F32):
 
 
 def finish_outputs(b: Builder, ok, slot, s, cls_f, anchor, cand_boxes) -> list:
-    """Gather the K output slots from the candidate tensors; zeros (-1 for det_indices) where not ``ok``."""
+    """The contract outputs from per-candidate tensors picked by ``slot`` [B,K] (None: already in output
+    order); zeros (-1 for det_indices) where not ``ok``."""
     zero = b.const(0.0, F32)
     num = b.reduce("ReduceSum", b.cast(ok, INT32, I32), 1, I32, keepdims=1)
     num_dets = b.op("Identity", [num], dtype=I32, out_names=[NMS_OUTPUTS[0]])
-    pick = lambda x, dt: b.op("GatherElements", [x, slot], {"axis": 1}, dtype=dt)  # noqa: E731
+    pick = (lambda x, dt: x) if slot is None else (  # noqa: E731
+        lambda x, dt: b.op("GatherElements", [x, slot], {"axis": 1}, dtype=dt))
     det_scores = b.op("Where", [ok, pick(s, F32), zero], dtype=F32, out_names=[NMS_OUTPUTS[2]])
     det_classes = b.cast(b.op("Where", [ok, pick(cls_f, F32), zero], dtype=F32), INT32, I32)
     det_classes = b.op("Identity", [det_classes], dtype=I32, out_names=[NMS_OUTPUTS[3]])
     det_indices = b.op("Where", [ok, pick(anchor, I32), b.const(np.int32(-1), I32)], dtype=I32,
                        out_names=[NMS_INDICES])
-    det_boxes = b.op("Where", [b.unsqueeze(ok, 2, dtype=BOOL), gather_rows(b, cand_boxes, slot, 4), zero],
-                     dtype=F32, out_names=[NMS_OUTPUTS[1]])
+    boxes = cand_boxes if slot is None else gather_rows(b, cand_boxes, slot, 4)
+    det_boxes = b.op("Where", [b.unsqueeze(ok, 2, dtype=BOOL), boxes, zero], dtype=F32, out_names=[NMS_OUTPUTS[1]])
     return [num_dets, det_boxes, det_scores, det_classes, det_indices]

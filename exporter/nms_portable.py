@@ -33,8 +33,8 @@ Steps (per image; every tensor keeps the batch axis, images never mix):
    steps the first t candidates are final, so the iteration reaches it in at most cap steps. An ONNX
    ``Loop`` runs it with trip count cap and stops as soon as keep no longer changes (typically 3-10 steps:
    the longest suppression chain). Fast-NMS (one step) would suppress more than greedy; not used.
-6. Output: the first K kept in order by one more TopK over ``cap - rank`` (ranks are distinct);
-   det_indices = the anchor row; zeros (-1 for det_indices) past num_dets.
+6. Output: the K best kept by (score, index), again as an exact set (``top_set``) ordered by a [K,K]
+   precedence count; det_indices = the anchor row; zeros (-1 for det_indices) past num_dets.
 
 ``--agnostic`` multi-label reduces to best-class candidates: two labels of one box have IoU 1, so the
 lower-scoring one is always suppressed (for --iou < 1). It saves candidate slots; at --iou 1 the full
@@ -50,7 +50,7 @@ import onnx_graphsurgeon as gs
 
 from .errors import UserError
 from .nms_graph import (BOOL, F32, FLOAT, I32, I64, INT32, INT64, KEY_LIMIT, MAX_TOPK, Builder, finish_outputs,
-                        gather_rows, pad_columns, precedence, top_set)
+                        gather_rows, ordered_top, pad_columns, precedence, top_set)
 from .options import NmsOptions
 
 
@@ -129,8 +129,7 @@ def portable_tail(b: Builder, pred, boxes, nc: int, nms: NmsOptions) -> list:
     cand_boxes = gather_rows(b, boxes, b.cast(anchor, INT64, I64), 4)  # [B,cap,4]
 
     # 3. order, 4. suppression relation
-    before, rank = precedence(b, s, pos_f)
-    suppress = b.op("And", [before, _iou_above(b, cand_boxes, nms.iou)], dtype=BOOL)
+    suppress = b.op("And", [precedence(b, s, pos_f), _iou_above(b, cand_boxes, nms.iou)], dtype=BOOL)
     if not nms.agnostic:
         same = b.op("Equal", [b.unsqueeze(cls_f, 2, dtype=F32), b.unsqueeze(cls_f, 1, dtype=F32)], dtype=BOOL)
         suppress = b.op("And", [suppress, same], dtype=BOOL)
@@ -140,17 +139,17 @@ def portable_tail(b: Builder, pred, boxes, nc: int, nms: NmsOptions) -> list:
     keep = _fixed_point_loop(b, b.cast(suppress, FLOAT, F32), valid_f, cap)
     kept = b.op("Greater", [b.squeeze(keep, 2, dtype=F32), b.const(0.5, F32)], dtype=BOOL)  # [B,cap]
 
-    # 6. the first K kept, in order
-    key = b.op("Where", [kept, b.op("Sub", [b.const(float(cap), F32), rank], dtype=F32), b.const(-1.0, F32)],
-               dtype=F32)
-    out_key, slot = b.op("TopK", [key, b.const([K], I64)], {"axis": 1, "largest": 1, "sorted": 1},
-                         dtype=[F32, I64], n_out=2)  # [B,K]; kept keys are distinct
-    ok = b.op("Greater", [out_key, b.const(0.0, F32)], dtype=BOOL)
+    # 6. the first K kept, in order (a [K,K] ranking, not [cap,cap])
+    slot, out_s = ordered_top(b, b.op("Where", [kept, s, b.const(-1.0, F32)], dtype=F32), K, index=pos_f)
+    ok = b.op("Greater", [out_s, b.const(-0.5, F32)], dtype=BOOL)
     return finish_outputs(b, ok, slot, s, cls_f, anchor, cand_boxes)
 
 
 def _iou_above(b: Builder, box, iou: float):
-    """box [B,k,4] -> [B,k,k] bool: IoU(i,j) > iou, float32 arithmetic of the numpy reference."""
+    """box [B,k,4] -> [B,k,k] bool: IoU(i,j) > iou, in the numpy reference's float32 arithmetic.
+
+    The reference clamps the overlap widths at 0 before multiplying; here a non-positive width or height
+    masks the pair instead (its IoU is 0 there, never above --iou): same result, two fewer float passes."""
     coord = [b.op("Gather", [box, b.const(k, I64)], {"axis": 2}, dtype=F32) for k in range(4)]  # [B,k]
     x1, x2 = b.op("Min", [coord[0], coord[2]], dtype=F32), b.op("Max", [coord[0], coord[2]], dtype=F32)
     y1, y2 = b.op("Min", [coord[1], coord[3]], dtype=F32), b.op("Max", [coord[1], coord[3]], dtype=F32)
@@ -159,15 +158,16 @@ def _iou_above(b: Builder, box, iou: float):
     row = lambda x: b.unsqueeze(x, 1, dtype=F32)  # noqa: E731  [B,1,k] (j)
     zero = b.const(0.0, F32)
 
-    def overlap(lo, hi):
-        inner = b.op("Sub", [b.op("Min", [col(hi), row(hi)], dtype=F32), b.op("Max", [col(lo), row(lo)], dtype=F32)],
-                     dtype=F32)
-        return b.op("Max", [inner, zero], dtype=F32)
+    def overlap(lo, hi):  # outer Min/Max, one full-size Sub
+        return b.op("Sub", [b.op("Min", [col(hi), row(hi)], dtype=F32), b.op("Max", [col(lo), row(lo)], dtype=F32)],
+                    dtype=F32)
 
-    inter = b.op("Mul", [overlap(x1, x2), overlap(y1, y2)], dtype=F32)
+    w, h = overlap(x1, x2), overlap(y1, y2)
+    both = b.op("And", [b.op("Greater", [w, zero], dtype=BOOL), b.op("Greater", [h, zero], dtype=BOOL)], dtype=BOOL)
+    inter = b.op("Mul", [w, h], dtype=F32)
     union = b.op("Sub", [b.op("Add", [col(area), row(area)], dtype=F32), inter], dtype=F32)
-    ratio = b.op("Div", [inter, union], dtype=F32)  # 0/0 = NaN compares False, like the reference's 0
-    return b.op("Greater", [ratio, b.const(iou_floor32(iou), F32)], dtype=BOOL)
+    ratio = b.op("Div", [inter, union], dtype=F32)
+    return b.op("And", [both, b.op("Greater", [ratio, b.const(iou_floor32(iou), F32)], dtype=BOOL)], dtype=BOOL)
 
 
 def _fixed_point_loop(b: Builder, s_mat, valid_f, cap: int):

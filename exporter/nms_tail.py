@@ -1,17 +1,20 @@
 """Stage 3c: append an NMS tail to the raw graph by graph surgery (onnx-graphsurgeon).
 
-Both tails read the raw ``output`` [B,N,5+nc] and give the same four outputs (runtimes/contract.py):
-num_dets int32 [B,1], det_boxes float32 [B,K,4] (x1,y1,x2,y2), det_scores float32 [B,K],
-det_classes int32 [B,K]; score-descending per image, zero past num_dets.
+Every tail reads the raw ``output`` [B,N,>=5+nc] (classes in columns 5:5+nc; pose/seg rows carry more columns)
+and gives the contract's outputs (runtimes/contract.py): num_dets int32 [B,1], det_boxes float32 [B,K,4]
+(x1,y1,x2,y2), det_scores float32 [B,K], det_classes int32 [B,K], score-descending per image, zero past
+num_dets, and (``onnx``, ``portable``) det_indices int32 [B,K], the kept anchor rows (-1 past num_dets).
 
-* ``efficient``: one TensorRT ``EfficientNMS_TRT`` node (multi-label; TensorRT only).
-* ``onnx``: standard ``NonMaxSuppression`` plus sorting/gathers, runs in any ONNX runtime; every image of a
-  dynamic batch is handled independently (a selection list sorted by (image, score), then sliced per image).
+* ``portable`` (nms_portable.py): exact greedy NMS from standard ops only; TensorRT 10/11/RTX and any ONNX
+  runtime. The default for TensorRT-RTX and --version-compatible engines.
+* ``efficient``: one TensorRT ``EfficientNMS_TRT`` node (multi-label; TensorRT 10/11 only; no indices).
+* ``onnx``: standard ``NonMaxSuppression``, then a fixed-shape selection of the K best per image (every
+  image of a dynamic batch independent; TopK K constant; no dependence on TopK's tie order).
 
 Shared prefix: boxes xyxy (x -/+ w/2, the official arithmetic) and scores obj*cls in FP32 (obj alone for
-single-class models, like the official NMS). Box coding 0 (corners) is given to the plugin on purpose:
-the plugin then sees exactly the boxes the onnx tail and the CPU reference see, so the efficient tail can be
-checked bit for bit on CPU; converting N boxes is a few element-wise ops, negligible next to the network.
+single-class detection models, like the official NMS; ``NmsOptions.obj_only_single_class``). Box coding 0
+(corners) is given to the plugin on purpose: the plugin then sees exactly the boxes the other tails and the
+CPU reference see, so the efficient tail can be checked bit for bit on CPU.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from runtimes.contract import NMS_OUTPUTS, RAW_OUTPUT
 
 from .errors import UserError
 from .nms_graph import (BOOL, F32, FLOAT, I32, I64, INT32, INT64, MAX_TOPK, Builder, finish_outputs, gather_rows,
-                        pad_columns, precedence, top_set)
+                        ordered_top, pad_columns)
 from .onnx_export import copy_metadata
 from .options import NmsOptions
 
@@ -154,7 +157,7 @@ def _onnx_tail(b: Builder, pred, boxes, scores, nc: int, nms: NmsOptions) -> lis
     width = 1 if nms.agnostic else nc
     flat = pad_columns(b, b.op("Reshape", [dense, b.const([0, -1], I64)], dtype=F32), K)  # [B,N*C'+K]
 
-    pos, s = top_set(b, flat, K)  # [B,K]
+    pos, s = ordered_top(b, flat, K)  # [B,K] in output order: (score desc, anchor, class)
     ok = b.op("Greater", [s, b.const(-0.5, F32)], dtype=BOOL)
     pos32 = b.cast(pos, INT32, I32)
     anchor = pos32 if width == 1 else b.op("Div", [pos32, b.const(np.int32(width), I32)], dtype=I32)
@@ -169,10 +172,4 @@ def _onnx_tail(b: Builder, pred, boxes, scores, nc: int, nms: NmsOptions) -> lis
     else:
         label = b.op("Sub", [pos32, b.op("Mul", [anchor, b.const(np.int32(width), I32)], dtype=I32)], dtype=I32)
         cls_f = b.cast(label, FLOAT, F32)
-    _, rank = precedence(b, s, b.cast(pos, FLOAT, F32))
-    key = b.op("Sub", [b.const(float(K), F32), rank], dtype=F32)  # distinct: K..1
-    out_key, slot = b.op("TopK", [key, b.const([K], I64)], {"axis": 1, "largest": 1, "sorted": 1},
-                         dtype=[F32, I64], n_out=2)
-    ok_out = b.op("Greater", [b.op("GatherElements", [s, slot], {"axis": 1}, dtype=F32), b.const(-0.5, F32)],
-                  dtype=BOOL)
-    return finish_outputs(b, ok_out, slot, s, cls_f, anchor, gather_rows(b, boxes, anchor64, 4))
+    return finish_outputs(b, ok, None, s, cls_f, anchor, gather_rows(b, boxes, anchor64, 4))

@@ -388,3 +388,16 @@ def test_yolo7_bench_runs_a_portable_artifact(tmp_path):
     assert row["nms"] == "portable" and not row["skipped"]
     assert row["parity"]["detections"]["matched_share"] > 0.95 and row["map"]["map50_95"] > 0.05
     assert abs(row["delta_ap"]) < 0.5
+
+
+def test_greedy_loop_has_a_trip_cap_and_a_data_dependent_stop():
+    """The fixed-point Loop: trip count = the cap (enough for any chain), condition = 'keep changed' computed
+    in the body (TensorRT-RTX builds it: test_nms_rtx.py); no NonMaxSuppression anywhere."""
+    model = append_nms(raw_graph(3), NmsOptions(mode="portable", candidates=256), 3)
+    (loop,) = [n for n in model.graph.node if n.op_type == "Loop"]
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert int(consts[loop.input[0]]) == 256 and bool(consts[loop.input[1]])
+    body = next(a.g for a in loop.attribute if a.name == "body")
+    cond = body.output[0].name
+    producer = next(n for n in body.node if cond in n.output)
+    assert producer.op_type == "Greater" and {n.op_type for n in body.node} >= {"MatMul", "ReduceSum"}
