@@ -111,3 +111,13 @@ def test_keypoints_scale_back_like_boxes_and_draw():
     pts[3, 2] = 0.1  # invisible: no point, no limb to it
     draw_keypoints(img, pts)
     assert img.any() and img[int(pts[0, 1]), int(pts[0, 0])].any()
+
+
+def test_keypoint_ap_of_a_detection_model_is_one_line(pose_set):
+    from conftest import TRAINED
+    from exporter.check.keypoints import evaluate_keypoints
+    from runtimes.base import Detector
+
+    det = Detector.from_path(TRAINED, imgsz=(256, 256))
+    with pytest.raises(DatasetError, match="needs a pose model; this artifact is a 'detect' model"):
+        evaluate_keypoints(det, load_dataset(pose_set.coco_json))
