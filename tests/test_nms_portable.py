@@ -369,6 +369,14 @@ def test_cli_portable_export_and_detector(tmp_path):
     assert len(dets) == 2 and len(dets[0]) == len(ref) > 0
     np.testing.assert_allclose(np.sort(dets[0].scores)[::-1], np.sort(ref[:, 4])[::-1], atol=1e-4)
 
+    from runtimes.cli import detect_command  # yolo7-detect on the same artifact
+    images = Path(__file__).parent / "data" / "shapes" / "images" / "val"
+    out = tmp_path / "detect"
+    r = CliRunner().invoke(detect_command, [str(path), str(images / "000001.jpg"), str(images / "000003.jpg"),
+                                            "-o", str(out), "--batch", "2"])
+    assert r.exit_code == 0, r.output
+    assert (out / "detections.json").stat().st_size > 50
+
 
 def test_yolo7_bench_runs_a_portable_artifact(tmp_path):
     """The check harness (yolo7-bench) treats a portable-tail ONNX like the other tails: detections match
