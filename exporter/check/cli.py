@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import click
@@ -86,7 +87,7 @@ def bench_command(checkpoint, artifacts, data, out_dir, img, batches, runs, warm
         cfg = BenchConfig(checkpoint=checkpoint, artifacts=list(artifacts), out_dir=out_dir, data=data,
                           imgsz=parse_imgsz(img), batches=parse_batches(batches), runs=runs, warmup=warmup,
                           device=device, max_images=max_images, parity_images=parity_images, threads=threads,
-                          gates=Gates(max_map_drop, max_latency_ms, min_parity_cos), progress=not no_progress)
+                          gates=Gates(max_map_drop, max_latency_ms, min_parity_cos), progress=not no_progress and sys.stderr.isatty())  # no bars in CI logs
         report = run_bench(cfg)
         click.echo(summary(report, out_dir))
 
