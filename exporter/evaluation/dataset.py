@@ -300,7 +300,9 @@ def _read_label_file(path: Path) -> list[tuple[int, tuple[float, ...], tuple[flo
         if cls < 0 or not all(-0.01 <= v <= 1.01 for v in box) or box[2] <= 0 or box[3] <= 0:
             raise DatasetError(f"{path}:{n}: class must be >= 0 and cx cy w h normalised to 0..1 (w, h > 0), "
                                f"got {line.strip()[:80]!r}")
-        if not all(math.isfinite(v) for v in kpts) or not all(0 <= kpts[j] <= 2 for j in range(2, len(kpts), 3)):
+        # visibility exactly 0, 1 or 2: also what tells a pose row from a YOLO-seg polygon row of a fitting length
+        # (polygon coordinates are fractions), so a seg set still falls through to the seg loader
+        if not all(math.isfinite(v) for v in kpts) or not all(kpts[j] in (0.0, 1.0, 2.0) for j in range(2, len(kpts), 3)):
             raise DatasetError(f"{path}:{n}: keypoints must be finite with visibility 0, 1 or 2, got {line.strip()[:80]!r}")
         rows.append((cls, box, kpts))
     return rows
