@@ -20,6 +20,7 @@ Examples:
   yolo7-export best.pt --fp16 --dynamic-batch   # FP16 ONNX, batch chosen at run time
   yolo7-export best.pt --int8 --calib images/   # INT8 Q/DQ calibrated on your images (CPU)
   yolo7-export best.pt --trt --fp16             # + engine: TensorRT-RTX (no GPU needed) or TensorRT 10/11
+  yolo7-export yolov7-w6-pose.pt --img 960 --nms portable  # pose: keypoints through NMS (det_kpts)
 Outputs go to --out (default ./out): <name>[.fp16|.int8].onnx, .engine + .engine.json, manifest.json;
 an artifact there made with other settings is not replaced unless --overwrite (use one -o per setting).
 """
@@ -68,7 +69,8 @@ def refuse_ignored_options(present: dict[str, bool]) -> None:
               help="NMS tail: portable = exact greedy NMS from standard ops (TensorRT 10/11/RTX, any ONNX runtime, "
                    "returns det_indices); efficient = TensorRT EfficientNMS_TRT plugin; onnx = standard "
                    "NonMaxSuppression (ONNX runtimes, TensorRT 10/11); none = raw [B,N,5+nc] output. auto = portable "
-                   "for TensorRT-RTX or --version-compatible, efficient for other --trt builds, else none.")
+                   "for TensorRT-RTX or --version-compatible, efficient for other --trt builds, else none. Pose "
+                   "models: portable or onnx add det_kpts [B,K,nkpt,3] (auto picks portable with --trt).")
 @click.option("--conf", type=float, default=0.25, show_default=True, callback=_unit_interval, help="NMS score threshold.")
 @click.option("--iou", type=float, default=0.45, show_default=True, callback=_unit_interval, help="NMS IoU threshold.")
 @click.option("--topk", type=int, default=100, show_default=True, callback=_positive, help="Max detections per image.")
