@@ -152,16 +152,17 @@ def _nms_export(tmp: Path, name: str, size, mode: str, **kw) -> Path:
     return run(opts).onnx_path
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("mode", ["portable", "onnx"])
-def test_nms_tail_keypoints_equal_official(fixture, mode):
+def test_nms_tail_keypoints_equal_official(fixture, mode, fused):
     name, d, ckpt = fixture
     x = _input(d)
-    proto = _with_tail(_raw_proto(ckpt, tuple(x.shape[2:]), fused=True), mode)
+    proto = _with_tail(_raw_proto(ckpt, tuple(x.shape[2:]), fused=fused), mode)
     assert [o.name for o in proto.graph.output][-1] == KPT_OUTPUT
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["yolo7_export.task"]) == "pose" and json.loads(meta["yolo7_export.nkpt"]) == NKPT
     o = _ort(proto, x)
-    ref = d["nms_kpt_fused"]  # our graph is the fused one (official detect.py path)
+    ref = d["nms_kpt_fused" if fused else "nms_kpt"]  # official detect.py (fused) / notebook (unfused) paths
     n = int(o["num_dets"][0, 0])
     assert n == len(ref) > 0, f"{name} {mode}: {n} detections, official {len(ref)}"
     got = np.concatenate([o["det_boxes"][0, :n], o["det_scores"][0, :n, None],
