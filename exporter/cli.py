@@ -17,6 +17,7 @@ EPILOG = """\b
 Examples:
   yolo7-export best.pt                          # fused FP32 ONNX, raw output, 640x640
   yolo7-export best.pt --img 384 640 --nms onnx # rectangular input, NMS inside the graph (any runtime)
+  yolo7-export best.pt --nms portable --best-class  # exact NMS in the graph, every TensorRT + ONNX runtime
   yolo7-export best.pt --fp16 --dynamic-batch   # FP16 ONNX, batch chosen at run time
   yolo7-export best.pt --int8 --calib images/   # INT8 Q/DQ calibrated on your images (CPU)
   yolo7-export best.pt --trt --fp16             # + engine: TensorRT-RTX (no GPU needed) or TensorRT 10/11
