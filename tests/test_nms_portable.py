@@ -195,6 +195,15 @@ def test_mixed_batch_equals_one_by_one():
                 np.testing.assert_array_equal(t[i:i + 1], a)
 
 
+def test_nothing_above_conf_gives_empty_padded_outputs():
+    pred = tied_raw(np.random.default_rng(15), 2, 300, 3)
+    for kw in (dict(), dict(best_class=True)):
+        num, boxes, scores, classes, idx = run(portable(3, conf=1.0, **kw), pred)
+        assert [a.shape for a in (num, boxes, scores, classes, idx)] == [(2, 1), (2, 100, 4), (2, 100), (2, 100),
+                                                                          (2, 100)]
+        assert not num.any() and not boxes.any() and not scores.any() and not classes.any() and (idx == -1).all()
+
+
 def test_candidate_cap_keeps_the_best_by_score_then_index():
     """More candidates than the cap: the cap best by (score desc, index asc) enter NMS, exactly."""
     n = 300
