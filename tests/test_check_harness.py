@@ -110,7 +110,8 @@ def test_gate_rules_on_rows():
     art = {"name": "int8", "reference": False, "skipped": None, "map": {"map50_95": 0.49}, "delta_ap": -1.0,
            "parity": {"finite": False, "cosine": 0.98}, "latency": [{"batch": 1, "model_ms": {"p50": 2.0}}]}
     gates, failures = apply_gates([ref, art], Gates(max_map_drop=1.0, max_latency_ms=1.5, min_parity_cos=0.99))
-    assert [g["passed"] for g in gates] == [True, False, False]
+    assert [(g.gate, g.passed) for g in gates] == [("max-map-drop", True), ("max-latency-ms", False),
+                                                   ("min-parity-cos", False)]
     assert failures[0] == "int8 produced NaN/Inf outputs" and "median 2.00 ms at batch 1" in failures[1]
 
 

@@ -138,7 +138,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                      "runs": cfg.runs, "warmup": cfg.warmup, "device": cfg.device, "parity_images": len(parity_imgs),
                      "protocol": asdict(EVAL_CONFIG), "evaluator": "faster-coco-eval",
                      "threads_note": _threads_note(cfg.threads)},
-        "artifacts": rows, "gates": gate_rows, "passed": not failures, "failures": failures,
+        "artifacts": rows, "gates": [asdict(g) for g in gate_rows], "passed": not failures, "failures": failures,
         "notes": [*([f"peak memory {CPU_MEMORY_NOTE}"] if cfg.device == "cpu" else []),
                   ("rectangular letterbox (smallest stride multiple per batch) for every artifact: all are --dynamic"
                    if rect else
@@ -348,10 +348,21 @@ def _batches_for(det: Detector, batches: tuple[int, ...]) -> list[int]:
     return sorted({b for b in batches if not limit or b <= limit}) or [1]
 
 
-def apply_gates(rows: list[dict], gates: Gates) -> tuple[list[dict], list[str]]:
+@dataclass(frozen=True)
+class GateResult:
+    """One gate checked on one artifact: a row of the report's Gates table (``asdict`` in report.json)."""
+
+    gate: str  # max-map-drop | max-latency-ms | min-parity-cos
+    artifact: str  # the artifact's report name, "-" when the gate found nothing to check
+    value: float | None  # AP points below PyTorch, median ms, or cosine; None when nothing was measured
+    limit: float
+    passed: bool
+
+
+def apply_gates(rows: list[dict], gates: Gates) -> tuple[list[GateResult], list[str]]:
     """One record per (gate, artifact) and one-line reasons for the failures. A gate that can check no
     artifact fails too: a CI gate that silently checks nothing is a broken gate."""
-    out: list[dict] = []
+    out: list[GateResult] = []
     failures: list[str] = []
     ref = next((r for r in rows if r["reference"]), None)
     measured = [r for r in rows if not r["skipped"] and not r["reference"]]
@@ -366,7 +377,7 @@ def apply_gates(rows: list[dict], gates: Gates) -> tuple[list[dict], list[str]]:
                 failures.append(f"{r['name']} was not checked ({r['skipped']}), so no gate covers it")
 
     def record(gate, artifact, value, limit, passed, reason):
-        out.append({"gate": gate, "artifact": artifact, "value": value, "limit": limit, "passed": passed})
+        out.append(GateResult(gate, artifact, value, limit, passed))
         if not passed:
             failures.append(reason)
 
