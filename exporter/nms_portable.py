@@ -36,8 +36,8 @@ Steps (per image; every tensor keeps the batch axis, images never mix):
    candidate is kept in any fixed point; each next one is decided by its predecessors only), and after t
    steps the first t candidates are final, so the iteration reaches it in at most cap steps. An ONNX
    ``Loop`` runs it with trip count cap and stops as soon as keep no longer changes (a few passes
-   in practice, counting the one that sees no change: 2-6 on the official fixtures at conf 0.25, 6-10 at conf 0.001 with 3840
-   candidates). Fast-NMS (one step) would suppress more than greedy; not used.
+   in practice, counting the one that sees no change: 2-6 on the official fixtures at conf 0.25, 6-10 at
+   conf 0.001 with 3840 candidates). Fast-NMS (one step) would suppress more than greedy; not used.
 6. Output: the K best kept by (score, index), again as an exact set (``top_set``) ordered by a [K,K]
    precedence count; det_indices = the anchor row; zeros (-1 for det_indices) past num_dets.
 
