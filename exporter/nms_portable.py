@@ -62,7 +62,8 @@ from .options import NmsOptions
 def validate_portable(nms: NmsOptions) -> None:
     cap = nms.candidates
     if int(cap) != cap or not 1 <= cap <= MAX_TOPK:
-        raise UserError(f"--nms-candidates must be an integer within [1, {MAX_TOPK}] (TensorRT's TopK limit), got {cap}")
+        raise UserError(f"--nms-candidates must be an integer within [1, {MAX_TOPK}] (TensorRT's TopK limit), "
+                        f"got {cap}")
     if nms.topk > cap:
         raise UserError(f"--topk {nms.topk} is more than --nms-candidates {cap}: the portable tail keeps at most "
                         f"--nms-candidates detections; raise --nms-candidates or lower --topk")
@@ -106,8 +107,9 @@ def portable_tail(b: Builder, pred, boxes, nc: int, nms: NmsOptions) -> list:
     a_anchor = b.op("Where", [a_valid, b.cast(a_pos, INT32, I32), b.const(np.int32(0), I32)], dtype=I32)
     a_anchor64 = b.cast(a_anchor, INT64, I64)
     ids = b.const(np.arange(nc, dtype=np.float32), F32)
-    rows = None if cls is None else b.op("Mul", [gather_rows(b, obj, a_anchor64, 1), gather_rows(b, cls, a_anchor64, nc)],
-                                         dtype=F32)  # [B,cap,nc]: the reference's fl(obj * cls), exactly
+    rows = None  # [B,cap,nc]: those anchors' fl(obj * cls), exactly the reference's products
+    if cls is not None:
+        rows = b.op("Mul", [gather_rows(b, obj, a_anchor64, 1), gather_rows(b, cls, a_anchor64, nc)], dtype=F32)
     if per_anchor:
         s, pos_f, valid, anchor = a_s, b.cast(a_pos, FLOAT, F32), a_valid, a_anchor
         if rows is None or nc == 1:

@@ -214,7 +214,8 @@ def test_agnostic_and_multi_label():
     pred, raw = _two_boxes_two_classes(), raw_graph(2)
 
     def run(**kw):
-        num, _, scores, classes = session(append_nms(raw, NmsOptions(mode="onnx", **kw), nc_of(raw))).run(None, {"images": pred})
+        model = append_nms(raw, NmsOptions(mode="onnx", **kw), nc_of(raw))
+        num, _, scores, classes = session(model).run(None, {"images": pred})
         return [(float(s), int(c)) for s, c in zip(scores[0, :num[0, 0]], classes[0, :num[0, 0]])]
 
     # per class: box 1 as class 0 (0.45) is suppressed by box 0 (same class, IoU 0.79); box 1 as class 1 stays
@@ -252,8 +253,8 @@ def test_topk_truncates_and_empty_output_is_zero():
 def test_fp16_raw_output_is_cast_to_fp32():
     pred = random_raw(np.random.default_rng(4), 1, 500, 3)
     rounded = pred.astype(np.float16).astype(np.float32)
-    want = session(append_nms(raw_graph(3), NmsOptions(mode="onnx"), nc_of(raw_graph(3)))).run(None, {"images": rounded})
-    got = session(append_nms(raw_graph(3, dtype=TensorProto.FLOAT16), NmsOptions(mode="onnx"), nc_of(raw_graph(3, dtype=TensorProto.FLOAT16)))).run(
+    want = session(append_nms(raw_graph(3), NmsOptions(mode="onnx"), 3)).run(None, {"images": rounded})
+    got = session(append_nms(raw_graph(3, dtype=TensorProto.FLOAT16), NmsOptions(mode="onnx"), 3)).run(
         None, {"images": pred.astype(np.float16)})
     assert got[1].dtype == np.float32 and got[0][0, 0] > 0
     for g, w in zip(got, want):
@@ -264,7 +265,7 @@ def test_fp16_raw_output_is_cast_to_fp32():
 def test_opsets(opset):
     pred = random_raw(np.random.default_rng(5), 2, 800, 3)
     want = session(append_nms(raw_graph(3), NmsOptions(mode="onnx"), nc_of(raw_graph(3)))).run(None, {"images": pred})
-    got = session(append_nms(raw_graph(3, opset=opset), NmsOptions(mode="onnx"), nc_of(raw_graph(3, opset=opset)))).run(None, {"images": pred})
+    got = session(append_nms(raw_graph(3, opset=opset), NmsOptions(mode="onnx"), 3)).run(None, {"images": pred})
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
 
@@ -289,7 +290,7 @@ def test_outputs_contract_and_deterministic_bytes():
 
 
 def test_efficient_node():
-    model = append_nms(raw_graph(3), NmsOptions(mode="efficient", conf=0.3, iou=0.6, topk=42, agnostic=True), nc_of(raw_graph(3)))
+    model = append_nms(raw_graph(3), NmsOptions(mode="efficient", conf=0.3, iou=0.6, topk=42, agnostic=True), 3)
     (node,) = [n for n in model.graph.node if n.op_type == "EfficientNMS_TRT"]
     assert node.domain == TRT_DOMAIN and (TRT_DOMAIN, 1) in [(o.domain, o.version) for o in model.opset_import]
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -303,7 +304,8 @@ def test_efficient_node():
 def test_api_errors():
     raw = raw_graph(3)
     cases = [(NmsOptions(mode="onnx", conf=1.5), "--conf"), (NmsOptions(mode="onnx", iou=-0.1), "--iou"),
-             (NmsOptions(mode="onnx", topk=0), "--topk"), (NmsOptions(mode="none"), "'efficient', 'onnx' or 'portable'"),
+             (NmsOptions(mode="onnx", topk=0), "--topk"),
+             (NmsOptions(mode="none"), "'efficient', 'onnx' or 'portable'"),
              (NmsOptions(mode="efficient", best_class=True), "--best-class")]
     for opts, words in cases:
         with pytest.raises(UserError, match=re.escape(words)):
