@@ -36,7 +36,7 @@ class CalibOptions:
     method: Literal["percentile", "max", "entropy"] = "percentile"  # precision/calibrate.py says why percentile
     cache: Path | None = None
     max_drop: float | None = None  # --int8-max-drop (AP points, mAP50-95 x 100)
-    eval_data: Path | None = None  # labelled set for --int8-max-drop (defaults to the calibration source)
+    eval_data: Path | None = None  # labelled set for --int8-max-drop (required; no image shared with source)
 
 
 @dataclass

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,9 @@ def int8(fp32, val_dir):
 
 
 # --------------------------------------------------------------------------------------- Q/DQ structure
-def test_qdq_symmetric_on_convs_only_decode_float(fp32, int8):
+def test_qdq_symmetric_per_channel_decode_float(fp32, int8):
+    """Zero-point 0 INT8 everywhere, every conv's input and per-channel INT8 weights, float bias, decode
+    untouched; the Concat/MaxPool/Add layout is tests/test_precision_placement.py's job."""
     proto, _ = fp32
     q, report = int8
     inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
@@ -51,38 +52,46 @@ def test_qdq_symmetric_on_convs_only_decode_float(fp32, int8):
         zp = inits[n.input[2]]
         assert zp.dtype == np.int8 and not zp.any(), n.name
     convs = [n for n in q.graph.node if n.op_type == "Conv"]
-    assert len(convs) == len(conv_nodes(proto)) == report["quantized_convs"]
+    head = set(head_convs(proto))  # kept in FP16 by default (NVIDIA's YOLOv7 recipe; measured in int8.py)
+    assert len(head) == 3 and report["float_convs"] == sorted(head, key=conv_nodes(proto).index)
+    assert len(convs) == len(conv_nodes(proto)) == report["convs"] == report["quantized_convs"] + len(head)
     for conv in convs:
+        if conv.name in head:
+            assert all(i in inits or producer[i].op_type != "DequantizeLinear" for i in conv.input), conv.name
+            continue
         act, weight = producer[conv.input[0]], producer[conv.input[1]]
         assert act.op_type == "DequantizeLinear" and producer[act.input[0]].op_type == "QuantizeLinear"
-        assert weight.op_type == "DequantizeLinear"
+        assert weight.op_type == "DequantizeLinear" and weight.input[0] in inits  # INT8 weights stored, DQ only
         w = inits[weight.input[0]]
         assert w.dtype == np.int8 and np.abs(w.astype(int)).max() <= 127  # restricted symmetric range
         assert inits[weight.input[1]].shape == (w.shape[0],)  # per output channel
-        assert not (len(conv.input) > 2 and conv.input[2] in producer)  # bias stays float
-    # Q/DQ only on tensors that feed a conv (other readers of such a tensor, e.g. a Concat beside the conv,
-    # read the same dequantized value), never on a conv's own output, never in or after the decode
+        assert not (len(conv.input) > 2 and producer.get(conv.input[2]) is not None
+                    and producer[conv.input[2]].op_type == "DequantizeLinear")  # bias stays float
     readers: dict[str, list] = {}
     for n in q.graph.node:
         for i in n.input:
             readers.setdefault(i, []).append(n)
-    for n in qdq:
-        if n.op_type == "QuantizeLinear":
-            assert producer.get(n.input[0]) is None or producer[n.input[0]].op_type != "Conv", n.name
-        elif n.input[0] not in inits:  # activation DQ
-            assert any(r.op_type == "Conv" for r in readers[n.output[0]]), n.name
+    for n in qdq:  # no Q right on a conv's output: TensorRT fuses the activation and quantizes at the consumer
+        if n.op_type == "QuantizeLinear" and n.input[0] in producer:
+            assert producer[n.input[0]].op_type != "Conv", n.name
     decode = set(decode_nodes(proto))
     for n in q.graph.node:
         if n.name in decode:
             assert all(producer.get(i) is None or producer[i].op_type not in ("QuantizeLinear", "DequantizeLinear")
                        for i in n.input), n.name
             assert not any(r.op_type == "QuantizeLinear" for o in n.output for r in readers.get(o, [])), n.name
-    assert decode and decode == set(decode_nodes(q))
+    assert decode and decode <= set(decode_nodes(q))
     assert {n.op_type for n in q.graph.node if n.name in decode} == {n.op_type for n in proto.graph.node
                                                                      if n.name in decode}
     assert report["head_convs"] == head_convs(proto) and len(report["head_convs"]) == 3
     assert [p.key for p in q.metadata_props] == [p.key for p in proto.metadata_props]
     onnx.checker.check_model(q)
+
+
+def test_same_inputs_same_bytes(fp32, int8, val_dir):
+    proto, info = fp32
+    again, _ = quantize_int8(proto, info, CalibOptions(source=val_dir, num_images=8, method="max"))
+    assert again.SerializeToString() == int8[0].SerializeToString()
 
 
 def test_int8_runs_and_stays_close_to_fp32(fp32, int8, val_dir):
@@ -150,17 +159,13 @@ def test_sources_folder_list_json_and_subset(shapes_dir, val_dir, tmp_path, capl
 def test_calib_cache_skips_calibration_and_gives_identical_bytes(fp32, val_dir, tmp_path):
     proto, info = fp32
     cache = tmp_path / "calib.json"
-    opts = CalibOptions(source=val_dir, num_images=24, method="percentile", cache=cache)
-    t0 = time.perf_counter()
+    opts = CalibOptions(source=val_dir, num_images=8, method="percentile", cache=cache)
     q1, r1 = quantize_int8(proto, info, opts)
-    t1 = time.perf_counter()
     q2, r2 = quantize_int8(proto, info, opts)
-    t2 = time.perf_counter()
     assert (r1["cache"], r2["cache"]) == ("miss", "hit")
     assert q1.SerializeToString() == q2.SerializeToString()
-    assert (t2 - t1) < 0.6 * (t1 - t0), (t1 - t0, t2 - t1)
     data = json.loads(cache.read_text())
-    assert data["n_images"] == 24 and data["method"] == "percentile" and "images" in data["ranges"]["data"]
+    assert data["n_images"] == 8 and data["method"] == "percentile" and data["amax"]["images"] > 0.9
 
     def fail(*a, **k):
         raise AssertionError("calibration ran despite a matching cache")
@@ -170,10 +175,10 @@ def test_calib_cache_skips_calibration_and_gives_identical_bytes(fp32, val_dir, 
     try:
         assert quantize_int8(proto, info, opts)[1]["cache"] == "hit"
         with pytest.raises(AssertionError):  # other images -> key differs -> calibration would run
-            quantize_int8(proto, info, CalibOptions(source=val_dir, num_images=23, method="percentile", cache=cache))
+            quantize_int8(proto, info, CalibOptions(source=val_dir, num_images=7, method="percentile", cache=cache))
     finally:
         calibrate_mod._run_calibration = saved
-    _, r3 = quantize_int8(proto, info, CalibOptions(source=val_dir, num_images=24, method="max", cache=cache))
+    _, r3 = quantize_int8(proto, info, CalibOptions(source=val_dir, num_images=8, method="max", cache=cache))
     assert r3["cache"] == "stale" and json.loads(cache.read_text())["method"] == "max"
 
 
@@ -183,14 +188,15 @@ def test_calib_cache_skips_calibration_and_gives_identical_bytes(fp32, val_dir, 
     ("missing", "calibration source not found"),
     ("empty", "no calibration images in"),
     ("list_missing", "image(s) not found"),
-    ("broken", "cannot read image"),
+    ("broken", "x.jpg"),
     ("method", "unknown --calib-method"),
     ("count", "--calib-images must be >= 1"),
     ("budget", "--int8-max-drop must be >= 0"),
     ("unlabelled", "pass --data"),
+    ("overlap", "also calibration images"),
     ("cache_dir", "is a folder"),
 ])
-def test_clear_errors(fp32, tmp_path, case, message):
+def test_clear_errors(fp32, tmp_path, shapes_dir, case, message):
     proto, info = fp32
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken").mkdir()
@@ -203,6 +209,8 @@ def test_clear_errors(fp32, tmp_path, case, message):
             "count": CalibOptions(source=IMAGES, num_images=0),
             "budget": CalibOptions(source=IMAGES, max_drop=-1.0),
             "unlabelled": CalibOptions(source=IMAGES, num_images=1, method="max", max_drop=0.5),
+            "overlap": CalibOptions(source=shapes_dir / "images" / "val", num_images=4, method="max", max_drop=0.5,
+                                    eval_data=shapes_dir),
             "cache_dir": CalibOptions(source=IMAGES, cache=tmp_path)}[case]
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         quantize_int8(proto, info, opts)

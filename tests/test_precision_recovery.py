@@ -9,6 +9,7 @@ import onnx
 import pytest
 
 from exporter.options import CalibOptions
+from exporter.precision.graph import head_convs
 from exporter.precision.int8 import quantize_int8
 from exporter.precision.recovery import detection_error, single_layer_variant
 
@@ -22,7 +23,7 @@ def fp32(trained_fp32_onnx):
 
 @pytest.fixture(scope="module")
 def small_set(tmp_path_factory, shapes_dir) -> Path:
-    """40 labelled shapes images (YOLO layout) in a folder of their own: calibration source and eval set."""
+    """40 labelled shapes images (YOLO layout) in a folder of their own: the eval set (--data)."""
     root = tmp_path_factory.mktemp("shapes40")
     (root / "images").mkdir()
     (root / "labels").mkdir()
@@ -30,6 +31,15 @@ def small_set(tmp_path_factory, shapes_dir) -> Path:
         shutil.copy(img, root / "images" / img.name)
         shutil.copy(shapes_dir / "labels" / "val" / f"{img.stem}.txt", root / "labels" / f"{img.stem}.txt")
     return root / "images"
+
+
+@pytest.fixture(scope="module")
+def calib_set(tmp_path_factory, shapes_dir) -> Path:
+    """20 other shapes images (no labels): the calibration source, disjoint from ``small_set``."""
+    root = tmp_path_factory.mktemp("calib20")
+    for img in sorted((shapes_dir / "images" / "val").glob("*.jpg"))[100:120]:
+        shutil.copy(img, root / img.name)
+    return root
 
 
 def _dq_fed_convs(proto: onnx.ModelProto) -> set[str]:
@@ -45,11 +55,17 @@ def _run(proto, x):
     return session.run(None, {"images": x})[0]
 
 
-def test_single_layer_variant_quantizes_only_that_conv(fp32, small_set):
+def test_single_layer_variant_quantizes_only_that_conv(fp32, calib_set):
+    from exporter.precision.calib_data import resolve_images
+    from exporter.precision.calibrate import calibrate
+    from exporter.precision.int8 import QdqBuilder
+
     proto, info = fp32
-    q, _ = quantize_int8(proto, info, CalibOptions(source=small_set, num_images=4, method="max"))
+    builder = QdqBuilder(proto, info)
+    builder.calibration = calibrate(proto, resolve_images(calib_set, 4), "max", info.imgsz, 1, builder.tensors)
+    q = builder.build([], fp16=False)  # sensitivity runs on the FP32-remainder graph
     convs = [n.name for n in proto.graph.node if n.op_type == "Conv"]
-    assert _dq_fed_convs(q) == set(convs)
+    assert _dq_fed_convs(q) == set(convs)  # a builder without a float policy quantizes every conv
     target = convs[len(convs) // 2]
     variant = single_layer_variant(proto, q, target)
     onnx.checker.check_model(variant)
@@ -81,19 +97,19 @@ def test_detection_error_weights_what_map_sees():
     assert detection_error(ref, bigger) > detection_error(ref, box_moved)
 
 
-def test_max_drop_moves_sensitive_layers_back_until_budget_holds(fp32, small_set):
-    """2 calibration images (coarse ranges, a clear drop) scored on 40 labelled images, budget 0.5 AP."""
+def test_max_drop_moves_sensitive_layers_back_until_budget_holds(fp32, small_set, calib_set):
+    """2 calibration images (coarse ranges, a clear drop) scored on 40 other labelled images, budget 0.1 AP."""
     from exporter.evaluation.dataset import load_dataset
     from exporter.evaluation.evaluate import evaluate_map
     from runtimes.base import Detector
     from runtimes.onnx_backend import OnnxBackend
 
     proto, info = fp32
-    budget = 0.5
-    q, report = quantize_int8(proto, info, CalibOptions(source=small_set, num_images=2, method="percentile",
-                                                        max_drop=budget))
+    budget = 0.1
+    q, report = quantize_int8(proto, info, CalibOptions(source=calib_set, num_images=2, method="percentile",
+                                                        max_drop=budget, eval_data=small_set))
     rec = report["recovery"]
-    assert rec["eval_images"] == 40 and rec["fp32_map50_95"] > 30
+    assert rec["eval_images"] == 40 and rec["fp32_map50_95"] > 30 and rec["eval_disjoint_from_calibration"]
     steps = rec["steps"]
     assert steps[0]["excluded"] == 0 and steps[0]["drop"] > budget, "precondition: the plain INT8 misses the budget"
     assert rec["final_drop_ap"] <= budget
@@ -102,7 +118,7 @@ def test_max_drop_moves_sensitive_layers_back_until_budget_holds(fp32, small_set
     ranked = [s["layer"] for s in rec["sensitivity"]]
     assert ranked[:len(excluded)] == excluded  # the most sensitive first
     assert all(s["drop"] > budget for s in steps if s["excluded"] < len(excluded))  # the smallest k that holds
-    convs = {n.name for n in proto.graph.node if n.op_type == "Conv"}
+    convs = {n.name for n in proto.graph.node if n.op_type == "Conv"} - set(head_convs(proto))  # head: FP16
     assert _dq_fed_convs(q) == convs - set(excluded)
     assert report["quantized_convs"] == len(convs) - len(excluded)
     # the reported number is the artifact's: re-measure it independently
@@ -115,11 +131,26 @@ def test_max_drop_moves_sensitive_layers_back_until_budget_holds(fp32, small_set
     assert abs((maps[0] - maps[1]) * 100 - rec["final_drop_ap"]) <= 5e-4  # reported rounded to 3 decimals
 
 
-def test_budget_already_met_changes_nothing(fp32, small_set):
+def test_budget_already_met_changes_nothing(fp32, small_set, calib_set):
     proto, info = fp32
-    plain, _ = quantize_int8(proto, info, CalibOptions(source=small_set, num_images=4, method="max"))
-    q, report = quantize_int8(proto, info, CalibOptions(source=small_set, num_images=4, method="max", max_drop=50.0))
+    plain, _ = quantize_int8(proto, info, CalibOptions(source=calib_set, num_images=4, method="max"))
+    q, report = quantize_int8(proto, info, CalibOptions(source=calib_set, num_images=4, method="max", max_drop=50.0,
+                                                        eval_data=small_set))
     rec = report["recovery"]
     assert rec["excluded_layers"] == [] and len(rec["steps"]) == 1 and rec["sensitivity"] == []
     assert rec["final_drop_ap"] == rec["steps"][0]["drop"] <= 50.0
     assert q.SerializeToString() == plain.SerializeToString()
+
+
+def test_eval_set_sharing_calibration_images_is_refused(fp32, small_set):
+    """--int8-max-drop never scores on images the ranges were fitted to (same bytes under any name)."""
+    from exporter.errors import UserError
+
+    proto, info = fp32
+    renamed = small_set.parent / "renamed"
+    renamed.mkdir(exist_ok=True)
+    shutil.copy(sorted(small_set.glob("*.jpg"))[7], renamed / "other_name.jpg")
+    for source in (small_set, renamed):
+        with pytest.raises(UserError, match="also calibration images"):
+            quantize_int8(proto, info, CalibOptions(source=source, num_images=2, method="max", max_drop=0.5,
+                                                    eval_data=small_set))

@@ -9,10 +9,11 @@ Methods (all symmetric, zero-point 0 as TensorRT requires):
 On yolov7-tiny-shapes at 320 (ORT CPU, 200 images) entropy cost 2.6 AP of mAP50-95, max 0.23 and
 percentile 0.19: entropy clips the activations feeding the head convs to ~30 % of their range.
 
-Only the convolutions' activation inputs are calibrated and stored (nothing else gets Q/DQ). The
-result is ONNX Runtime's own ``TensorsData`` JSON (``save_tensors_data``), wrapped with a key: sha256 of the
-FP32 graph, the images' bytes, the method and its settings, the input size and the onnxruntime version.
-A cache whose key matches is used without running calibration; any other is recomputed and overwritten.
+Only the tensors that get an activation Q/DQ (placement.py: conv inputs, Concat/MaxPool/Resize inputs
+and outputs, residual Add inputs and outputs) are calibrated and stored, as amax = max(|lo|, |hi|) of
+ONNX Runtime's symmetric range, with a key: sha256 of the FP32 graph, the images' bytes, the method and its
+settings, the tensor list, the input size and the onnxruntime version. A cache whose key matches is used
+without running calibration; any other is recomputed and overwritten.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ log = logging.getLogger("yolo7_export")
 
 METHODS = ("percentile", "max", "entropy")
 DEFAULT_METHOD = "percentile"
-CACHE_FORMAT = "yolo7-export/int8-calibration/1"
+CACHE_FORMAT = "yolo7-export/int8-calibration/2"
 MAX_CHUNK = 16  # images per collect_data call: ORT keeps every calibrated tensor of a call in memory,
 CHUNK_BYTES = 1 << 30  # so big models at big sizes get fewer images per call (at most ~1 GiB of them)
 _OPTIONS = {
@@ -49,19 +50,14 @@ _OPTIONS = {
 
 @dataclass
 class Calibration:
-    """Tensor ranges (ORT TensorsData as JSON) and where they came from."""
+    """Calibrated amax (max |x| after the method's clipping) per tensor, and where it came from."""
 
     method: str
-    ranges: dict
+    amax: dict[str, float]
     key: str
     n_images: int
     seconds: float  # time the calibration itself took (when it ran; the cached value otherwise)
     cache: str  # off | hit | miss (computed and written) | stale (key differed; recomputed and written)
-
-    def write_ranges(self, path: Path) -> Path:
-        """The form quantize_static reads through its ``calibration_cache_path``."""
-        path.write_text(json.dumps(self.ranges))
-        return path
 
 
 def ort_method(method: str):
@@ -77,18 +73,14 @@ def check_method(method: str) -> str:
     return method
 
 
-def activation_inputs(proto: onnx.ModelProto, convs: list[str]) -> list[str]:
-    """The tensors that get an activation Q/DQ: each conv's data input (weights are quantized per channel)."""
-    wanted = set(convs)
-    return sorted({n.input[0] for n in proto.graph.node if n.name in wanted})
-
-
-def cache_key(proto: onnx.ModelProto, images: CalibImages, method: str, imgsz: tuple[int, int], batch: int) -> str:
+def cache_key(proto: onnx.ModelProto, images: CalibImages, method: str, imgsz: tuple[int, int], batch: int,
+              tensors: list[str]) -> str:
     import onnxruntime
 
     model = hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()
     spec = {"format": CACHE_FORMAT, "model": model, "images": images.fingerprint(), "method": method,
             "options": _OPTIONS[method], "imgsz": list(imgsz), "batch": batch, "chunk": chunk_size(proto, batch),
+            "tensors": hashlib.sha256("\n".join(sorted(tensors)).encode()).hexdigest(),
             "onnxruntime": onnxruntime.__version__}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
@@ -97,32 +89,38 @@ def calibrate(proto: onnx.ModelProto, images: CalibImages, method: str, imgsz: t
               tensors: list[str], cache: Path | None = None) -> Calibration:
     """Ranges of ``tensors`` over ``images`` (from ``cache`` when it matches); writes the cache if given."""
     check_method(method)
-    key = cache_key(proto, images, method, imgsz, batch)
+    tensors = sorted(tensors)
+    key = cache_key(proto, images, method, imgsz, batch, tensors)
     status = "off"
     if cache is not None:
-        cache = Path(cache)
-        if cache.is_dir():
-            raise UserError(f"--calib-cache {cache} is a folder; give a file path")
+        cache = check_cache_path(cache)
         cached = _read_cache(cache)
         if cached is not None and cached.get("key") == key:
             log.info("calibration: using cache %s (%d images, %s)", cache, cached["n_images"], method)
-            return Calibration(method, cached["ranges"], key, int(cached["n_images"]),
+            return Calibration(method, {t: float(v) for t, v in cached["amax"].items()}, key, int(cached["n_images"]),
                                float(cached.get("seconds", 0.0)), "hit")
         status = "stale" if cached is not None else "miss"
         if cached is not None:
             log.info("calibration: cache %s was made for another model, image set or method; recalibrating", cache)
     t0 = time.perf_counter()
-    ranges = _run_calibration(proto, images, method, imgsz, batch, tensors)
+    amax = _run_calibration(proto, images, method, imgsz, batch, tensors)
     seconds = round(time.perf_counter() - t0, 2)
     log.info("calibration: %s over %d images in %.1f s", method, len(images.paths), seconds)
-    result = Calibration(method, ranges, key, len(images.paths), seconds, status)
+    result = Calibration(method, amax, key, len(images.paths), seconds, status)
     if cache is not None:
         import onnxruntime
 
         write_json_atomic(cache, {"format": CACHE_FORMAT, "key": key, "method": method, "n_images": len(images.paths),
                                   "source": str(images.source), "seconds": seconds,
-                                  "onnxruntime": onnxruntime.__version__, "ranges": ranges})
+                                  "onnxruntime": onnxruntime.__version__, "amax": amax})
     return result
+
+
+def check_cache_path(cache: Path) -> Path:
+    cache = Path(cache)
+    if cache.is_dir():
+        raise UserError(f"--calib-cache {cache} is a folder; give a file path")
+    return cache
 
 
 def chunk_size(proto: onnx.ModelProto, batch: int) -> int:
@@ -153,34 +151,50 @@ def _read_cache(path: Path) -> dict | None:
     except (OSError, ValueError) as exc:
         log.warning("calibration cache %s is unreadable (%s); recalibrating", path, exc)
         return {}
-    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or "ranges" not in data:
+    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("amax"), dict):
         log.warning("calibration cache %s is not a yolo7-export calibration cache; recalibrating", path)
         return {}
     return data
 
 
-def _run_calibration(proto: onnx.ModelProto, images: CalibImages, method: str, imgsz: tuple[int, int],
-                     batch: int, tensors: list[str]) -> dict:
-    from onnxruntime.quantization import TensorsData, create_calibrator, save_tensors_data
+def _calibrator(model_path: Path, augmented: Path, method: str, wanted: set[str]):
+    """ONNX Runtime's calibrator for ``method`` that records exactly ``wanted`` (create_calibrator would record
+    every input and output of every node of the given op types: ~3x the tensors, ~3x the time)."""
+    from onnxruntime.quantization.calibrate import EntropyCalibrater, MinMaxCalibrater, PercentileCalibrater
 
+    base = {"max": MinMaxCalibrater, "entropy": EntropyCalibrater, "percentile": PercentileCalibrater}[method]
+
+    class Selected(base):
+        def select_tensors_to_calibrate(self, model):
+            tensors, value_infos = super().select_tensors_to_calibrate(model)
+            return {t for t in tensors if t in wanted}, value_infos
+
+    calibrator = Selected(str(model_path), None, str(augmented), **_OPTIONS[method])
+    calibrator.augment_graph()
+    calibrator.create_inference_session()
+    return calibrator
+
+
+def _run_calibration(proto: onnx.ModelProto, images: CalibImages, method: str, imgsz: tuple[int, int],
+                     batch: int, tensors: list[str]) -> dict[str, float]:
+    wanted = set(tensors)
     with tempfile.TemporaryDirectory(prefix="yolo7_calib_") as tmp, contextlib.redirect_stdout(io.StringIO()):
         model_path = Path(tmp) / "model.onnx"
         onnx.save_model(proto, str(model_path))
-        calibrator = create_calibrator(model_path, ["Conv"], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                                       calibrate_method=ort_method(method), extra_options=dict(_OPTIONS[method]))
+        calibrator = _calibrator(model_path, Path(tmp) / "augmented.onnx", method, wanted)
         step = chunk_size(proto, batch)
         for start in range(0, len(images.paths), step):
             calibrator.collect_data(ImageFeed(images.paths[start:start + step], imgsz, batch))
         collector = getattr(calibrator, "collector", None)
         if collector is not None and hasattr(collector, "histogram_dict"):
             # thresholds only for the tensors that get Q/DQ (entropy costs ~1 s per tensor)
-            wanted = set(tensors)
             collector.histogram_dict = {k: v for k, v in collector.histogram_dict.items() if k in wanted}
         computed = calibrator.compute_data()
         missing = [t for t in tensors if t not in computed.data]
         if missing:
             raise RuntimeError(f"calibration produced no range for {missing[:3]}")
-        kept = TensorsData(computed.calibration_method, {t: computed.data[t] for t in tensors})
-        out = Path(tmp) / "ranges.json"
-        save_tensors_data(kept, out)
-        return json.loads(out.read_text())
+        amax = {}
+        for t in tensors:
+            lo, hi = computed.data[t].range_value
+            amax[t] = float(f"{max(abs(float(np.min(lo))), abs(float(np.max(hi)))):.9g}")
+        return amax

@@ -34,23 +34,28 @@ log = logging.getLogger("yolo7_export")
 
 def convert_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     """FP32 raw graph -> mixed FP16 graph with FP32 ``images``/``output`` and an FP32 decode."""
+    out = fp16_outside_decode(proto)
+    n_fp16 = sum(1 for n in out.graph.node if n.op_type == "Conv")
+    log.info("fp16: %d convs in FP16, %d decode nodes kept in FP32", n_fp16, len(decode_nodes(proto)))
+    return out
+
+
+def fp16_outside_decode(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Everything but the decode (and the graph's inputs/outputs) in FP16; also the remainder of a Q/DQ graph."""
     try:
         from modelopt.onnx.autocast import convert_to_mixed_precision
     except ImportError as exc:
-        raise UserError(f"--fp16 needs NVIDIA modelopt's ONNX AutoCast ({exc.__class__.__name__}: "
+        raise UserError(f"--fp16/--int8 need NVIDIA modelopt's ONNX AutoCast ({exc.__class__.__name__}: "
                         f"{str(exc).splitlines()[0]}); install it with: pip install nvidia-modelopt onnxscript lief"
                         ) from exc
     check_node_names(proto)
-    keep_fp32 = decode_nodes(proto)
-    patterns = [f"^{re.escape(name)}$" for name in keep_fp32]
+    patterns = [f"^{re.escape(name)}$" for name in decode_nodes(proto)]
     with tempfile.TemporaryDirectory(prefix="yolo7_fp16_") as tmp, _quiet_modelopt():
         path = Path(tmp) / "model.onnx"
         onnx.save_model(proto, str(path))
         out = convert_to_mixed_precision(str(path), low_precision_type="fp16", nodes_to_exclude=patterns,
                                          data_max=np.inf, keep_io_types=True)
     copy_metadata(proto, out)
-    n_fp16 = sum(1 for n in out.graph.node if n.op_type == "Conv")
-    log.info("fp16: %d convs in FP16, %d decode nodes kept in FP32", n_fp16, len(keep_fp32))
     return out
 
 

@@ -44,8 +44,8 @@ def recover_accuracy(fp32: onnx.ModelProto, qproto: onnx.ModelProto, builder, in
     """Return the Q/DQ graph that meets ``calib.max_drop`` with the fewest convs moved back, and the report."""
     t0 = time.perf_counter()
     budget = float(calib.max_drop)
-    dataset = _eval_set(calib, images)
-    check_disjoint(dataset, images)
+    dataset = eval_set(calib, images)
+    check_disjoint(dataset, images)  # quantize_int8 checked it before calibrating; cheap, and this is public
     base = _map(fp32, dataset)
     history = []
 
@@ -93,7 +93,7 @@ def recover_accuracy(fp32: onnx.ModelProto, qproto: onnx.ModelProto, builder, in
     return best, report
 
 
-def _eval_set(calib: CalibOptions, images: CalibImages):
+def eval_set(calib: CalibOptions, images: CalibImages):
     from ..evaluation.dataset import DatasetError, load_dataset
 
     if calib.eval_data is None:
@@ -184,8 +184,11 @@ def single_layer_variant(fp32: onnx.ModelProto, qproto: onnx.ModelProto, conv: s
     inits = [t for t in qproto.graph.initializer if t.name in needed]
     out = onnx.ModelProto()
     out.CopyFrom(fp32)
-    existing = {t.name for t in out.graph.initializer}
-    out.graph.initializer.extend(t for t in inits if t.name not in existing)
+    # the INT8 weight keeps the float weight's name (modelopt's DQ-only weights): qproto's version wins
+    replaced = {t.name for t in inits}
+    kept = [t for t in out.graph.initializer if t.name not in replaced]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept + inits)
     nodes = list(out.graph.node)
     pos = next(i for i, n in enumerate(nodes) if n.name == conv)
     del nodes[pos].input[:]
