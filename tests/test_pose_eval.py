@@ -115,7 +115,7 @@ def test_keypoints_scale_back_like_boxes_and_draw():
 
 def test_keypoint_ap_of_a_detection_model_is_one_line(pose_set):
     from conftest import TRAINED
-    from exporter.check.keypoints import evaluate_keypoints
+    from exporter.evaluation.keypoints import evaluate_keypoints
     from runtimes.base import Detector
 
     det = Detector.from_path(TRAINED, imgsz=(256, 256))

@@ -301,7 +301,7 @@ def _measure(p: _Planned, det: Detector, cfg: BenchConfig, dataset: Dataset, ima
 
 
 def _keypoints(det: Detector, cfg: BenchConfig, dataset: Dataset, parity_ctx) -> dict:
-    """{"ap": KeypointMapResult, "parity": KeypointParity (artifacts only)} as dicts (check/keypoints.py)."""
+    """{"ap": KeypointMapResult, "parity": KeypointParity (artifacts only)} as dicts (evaluation/keypoints.py)."""
     from ..evaluation.keypoints import evaluate_keypoints, keypoint_parity
 
     out = {"ap": evaluate_keypoints(det, dataset, batch_size=cfg.eval_batch, progress=cfg.progress).to_dict(),

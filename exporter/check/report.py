@@ -83,7 +83,7 @@ def _mask_table(report: dict) -> list[str]:
 
 
 def _keypoint_table(report: dict) -> list[str]:
-    """Pose artifacts: COCO keypoint AP (OKS) and keypoint parity with PyTorch (check/keypoints.py)."""
+    """Pose artifacts: COCO keypoint AP (OKS) and keypoint parity with PyTorch (evaluation/keypoints.py)."""
     rows = [a for a in report["artifacts"] if a.get("keypoints")]
     if not rows:
         return []
