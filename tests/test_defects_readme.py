@@ -47,3 +47,43 @@ def test_examples_write_only_into_ignored_or_scratch_paths():
             assert flag != "--calib-cache" or path.startswith("out/"), c
     readme = (ROOT / "README.md").read_text()
     assert "-o docs/" not in readme and "--calib-cache calib.json" not in readme
+
+
+SETTING_FLAGS = {"--img": 2, "--imgsz": 2, "--batch": 1, "--dynamic-batch": 0, "--dynamic": 0, "--min-img": 2,
+                 "--max-img": 2, "--nms": 1, "--conf": 1, "--iou": 1, "--topk": 1, "--agnostic": 0, "--best-class": 0,
+                 "--nms-candidates": 1, "--trt": 0, "--trt-lib": 1, "--version-compatible": 0}
+
+
+def test_readme_exports_in_one_folder_never_need_overwrite():
+    """Run in order, two yolo7-export examples writing the same artifact name into one folder with other
+    settings would stop with exit 2 (artifacts.refuse_replacing): each configuration needs its own -o."""
+    import shlex
+
+    seen: dict[tuple[str, str, str], tuple[str, str]] = {}
+    for block in _runner().bash_blocks((ROOT / "README.md").read_text())[2:]:
+        for command in block:
+            words = shlex.split(command, comments=True)
+            if words[:1] != ["yolo7-export"] or len(words) < 2 or words[1].startswith("-"):
+                continue
+            out, precision, settings, i = "out", "fp32", [], 2
+            while i < len(words):
+                w = words[i]
+                if w in ("-o", "--out"):
+                    out, i = words[i + 1].rstrip("/"), i + 2
+                    continue
+                if w in ("--fp16", "--int8"):
+                    precision = w[2:]
+                n = SETTING_FLAGS.get(w)
+                if n is not None:
+                    values = [v for v in words[i + 1:i + 1 + n] if not v.startswith("-")]
+                    settings.append(" ".join([w, *values]))
+                    i += 1 + len(values)
+                    continue
+                i += 1
+            key = (out, Path(words[1]).stem, precision)
+            value = " ".join(sorted(settings))
+            if key in seen:
+                assert seen[key][0] == value, (f"{command!r} would be refused: {seen[key][1]!r} wrote "
+                                               f"{key[0]}/{key[1]} with other settings; give it its own -o")
+            seen[key] = (value, command)
+    assert len(seen) >= 5
