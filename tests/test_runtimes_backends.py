@@ -188,8 +188,9 @@ def test_onnx_backend_reads_info_from_metadata(artifacts):
     assert backend.info.imgsz == IMGSZ and backend.info.batch is None and backend.info.nms == "onnx"
     assert backend.info.nms_params["best_class"] is True
     out = backend.infer(np.zeros((2, 3, *IMGSZ), np.float32))
-    assert set(out) == {"num_dets", "det_boxes", "det_scores", "det_classes"}
+    assert set(out) == {"num_dets", "det_boxes", "det_scores", "det_classes", "det_indices"}  # onnx tail: + indices
     assert out["num_dets"].shape == (2, 1) and out["det_boxes"].shape == (2, MAX_DET, 4)
+    assert out["det_indices"].shape == (2, MAX_DET) and (out["det_indices"][:, int(out["num_dets"].max()):] == -1).all()
 
 
 def test_onnx_backend_refuses_wrong_input_size(artifacts):
