@@ -2,6 +2,5 @@
 
 Modules, one job each: harness (runs the evaluation library, exporter/evaluation/: dataset, mAP, parity,
 latency, over every artifact, applies the gates), report (json/md/png), environment, cli (`yolo7-bench`).
-The old names check.dataset/evaluate/parity/latency/masks/keypoints alias the evaluation modules.
 Nothing here is imported by the exporter at module level: `--check` imports the harness lazily.
 """
