@@ -1,11 +1,13 @@
 """FP32 vs FP16 vs INT8 ONNX (ONNX Runtime, CPU) on three disjoint splits: calibrate, tune, report.
 
 Protocol (issue 12): nothing is tuned or calibrated on the images the figures are reported on.
-  calibrate  512 generated train-split images   tools/make_shapes_dataset.py --split train --n 512 --seed 1000
-             --start-id 100001 (the model's own training distribution; ids 100001-100512)
+  calibrate  1024 generated train-split images  tools/make_shapes_dataset.py --split train --n 1024 --seed 1000
+             --start-id 100001 (the model's own training distribution; ids 100001-101024; the first 512
+             are the 512-image set of earlier runs: each image depends only on the seed and its index)
   tune       the 200 stored validation images, tests/data/shapes (seed 2000, ids 1-200): the defaults
-             (calibration method, image count, layers kept in FP16) were chosen on these, and the
-             --int8-max-drop run measures its budget on them
+             (calibration method, image count, layers kept in FP16) were chosen on these together with
+             300 generated --split tune --n 300 --seed 4000 --start-id 400001 images (figures in
+             exporter/precision/calibrate.py); the --int8-max-drop run measures its budget on the 200
   report     500 generated test-split images     --split test --n 500 --seed 3000 --start-id 300001
              (ids 300001-300500): used for nothing but the figures below
 The generated splits are written under --cache (default /tmp/yolo7_shapes_splits) and reused; the script
@@ -56,7 +58,7 @@ CKPT = ROOT / "tests/data/yolov7-tiny-shapes.pt"
 TUNE = ROOT / "tests/data/shapes"
 IMGSZ = (320, 320)
 GENERATED = {  # name: generator arguments
-    "calibrate": {"split": "train", "n": 512, "seed": 1000, "start_id": 100001},
+    "calibrate": {"split": "train", "n": 1024, "seed": 1000, "start_id": 100001},
     "report": {"split": "test", "n": 500, "seed": 3000, "start_id": 300001},
 }
 SHARED_BG = Path("/work/shared/fixtures/images")
@@ -123,7 +125,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="precision_bench_") as tmp:
         for i, method in enumerate(m.strip() for m in args.methods.split(",")):
             cache = Path(tmp) / f"calib_{method}.json"
-            opts = CalibOptions(source=calib_dir, num_images=512, method=method, cache=cache)
+            opts = CalibOptions(source=calib_dir, method=method, cache=cache)  # the default image count
             variants[f"int8 {method}" + (" (default)" if i == 0 else "")] = quantize_int8(fp32, info, opts)
             if i == 0:
                 opts.max_drop, opts.eval_data = args.max_drop, TUNE  # budget measured on tune, never on report
@@ -147,7 +149,7 @@ def main() -> None:
     for r in results.values():
         r["drop_ap"] = round(base - r["map50_95"], 3)
         r["tune_drop_ap"] = round(tune_base - r["tune_map50_95"], 3)
-    splits = {"calibrate": {**GENERATED["calibrate"], "images": 512, "path": str(calib_dir)},
+    splits = {"calibrate": {**GENERATED["calibrate"], "images": CalibOptions().num_images, "path": str(calib_dir)},
               "tune": {"split": "val", "n": len(tune_set), "seed": 2000, "start_id": 1,
                        "path": str(TUNE.relative_to(ROOT))},
               "report": {**GENERATED["report"], "images": len(report_set), "path": str(roots["report"])}}
@@ -171,7 +173,8 @@ def markdown(out: dict) -> str:
              f"- calibrate: {s['calibrate']['images']} images, `{gen.format(**s['calibrate'])} --bg-dir <official "
              "inference/images>`",
              f"- tune: the {s['tune']['n']} stored images of `{s['tune']['path']}` (seed 2000): defaults chosen "
-             "here; the --int8-max-drop run measures its budget here",
+             "here and on a second tune split (`--split tune --n 300 --seed 4000 --start-id 400001`; figures in "
+             "exporter/precision/calibrate.py); the --int8-max-drop run measures its budget on the 200",
              f"- report: {s['report']['images']} images, `{gen.format(**s['report'])} --bg-dir <official "
              "inference/images>`: used only for the figures below", "",
              f"mAP: conf 0.001, IoU 0.65, multi-label, 300 det. Latency: median (p90) of {out['runs']} runs after "

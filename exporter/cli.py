@@ -84,8 +84,8 @@ def refuse_ignored_options(present: dict[str, bool]) -> None:
 @click.option("--int8", is_flag=True, help="INT8 explicit Q/DQ in the ONNX, calibrated on CPU from --calib images.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="Calibration images: a folder, a .txt list, or a COCO json (required with --int8).")
-@click.option("--calib-images", type=int, default=512, show_default=True, callback=_positive,
-              help="Number of calibration images (fewer if the source has fewer).")
+@click.option("--calib-images", type=int, default=CalibOptions.num_images, show_default=True, callback=_positive,
+              help="Number of calibration images (fewer if the source has fewer; 1024 measured better than 512).")
 @click.option("--calib-method", type=click.Choice(["percentile", "max", "entropy"]), default="percentile", show_default=True,
               help="INT8 range per tensor: 99.999th percentile of |x|, max |x|, or TensorRT-style KL entropy.")
 @click.option("--calib-cache", type=click.Path(path_type=Path), default=None,
