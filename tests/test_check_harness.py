@@ -8,6 +8,7 @@ import pytest
 
 from exporter.check.cli import main as bench_main
 from exporter.check.harness import BenchConfig, GateFailure, Gates, apply_gates, run_bench
+from exporter.check.rows import ArtifactRow
 from exporter.errors import UserError
 from exporter.options import CheckOptions, ExportOptions, NmsOptions
 from exporter.pipeline import run as export
@@ -40,14 +41,14 @@ def test_report_for_raw_and_dynamic_onnx(tmp_path, artifacts):
         assert (tmp_path / "report" / name).stat().st_size > 200
     assert json.loads((tmp_path / "report" / "report.json").read_text())["passed"] is True
     ref, raw, dyn = report["artifacts"]
-    assert ref["reference"] and ref["runtime"] == "PyTorch CPU" and ref["map"]["n_images"] == 12
-    assert 0.05 < ref["map"]["map50_95"] < ref["map"]["map50"] < 1
+    assert ref.reference and ref.runtime == "PyTorch CPU" and ref.map["n_images"] == 12
+    assert 0.05 < ref.map["map50_95"] < ref.map["map50"] < 1
     for row in (raw, dyn):
-        assert abs(row["delta_ap"]) < 0.1 and row["parity"]["cosine"] > 0.99999 and row["parity"]["finite"]
-        assert row["parity"]["detections"]["matched_share"] > 0.98
-    assert [lat["batch"] for lat in raw["latency"]] == [1]  # fixed batch 1: timed at 1 only
-    assert [lat["batch"] for lat in dyn["latency"]] == [1, 2]
-    lat = dyn["latency"][1]
+        assert abs(row.delta_ap) < 0.1 and row.parity["cosine"] > 0.99999 and row.parity["finite"]
+        assert row.parity["detections"]["matched_share"] > 0.98
+    assert [lat["batch"] for lat in raw.latency] == [1]  # fixed batch 1: timed at 1 only
+    assert [lat["batch"] for lat in dyn.latency] == [1, 2]
+    lat = dyn.latency[1]
     assert lat["model_ms"]["p50"] <= lat["model_ms"]["p99"] and lat["fps"] == pytest.approx(2000 / lat["model_ms"]["p50"])
     md = (tmp_path / "report" / "report.md").read_text()
     assert "| raw/yolov7-tiny-shapes.onnx | ONNX Runtime CPU | fp32 |" in md and "## Gates\n\nnone set" in md
@@ -105,10 +106,9 @@ def test_input_errors(tmp_path, artifacts):
 
 
 def test_gate_rules_on_rows():
-    ref = {"name": "pt", "reference": True, "skipped": None, "map": {"map50_95": 0.5}, "parity": None,
-           "latency": [{"batch": 1, "model_ms": {"p50": 3.0}}]}
-    art = {"name": "int8", "reference": False, "skipped": None, "map": {"map50_95": 0.49}, "delta_ap": -1.0,
-           "parity": {"finite": False, "cosine": 0.98}, "latency": [{"batch": 1, "model_ms": {"p50": 2.0}}]}
+    ref = ArtifactRow("pt", reference=True, map={"map50_95": 0.5}, latency=[{"batch": 1, "model_ms": {"p50": 3.0}}])
+    art = ArtifactRow("int8", map={"map50_95": 0.49}, delta_ap=-1.0, parity={"finite": False, "cosine": 0.98},
+                      latency=[{"batch": 1, "model_ms": {"p50": 2.0}}])
     gates, failures = apply_gates([ref, art], Gates(max_map_drop=1.0, max_latency_ms=1.5, min_parity_cos=0.99))
     assert [(g.gate, g.passed) for g in gates] == [("max-map-drop", True), ("max-latency-ms", False),
                                                    ("min-parity-cos", False)]
@@ -151,3 +151,22 @@ def test_export_check_writes_report_and_applies_gates(tmp_path, monkeypatch):
     with pytest.raises(GateFailure, match="max-latency-ms"):
         export(opts)
     assert json.loads((tmp_path / "out" / "check" / "report.json").read_text())["passed"] is False
+
+
+def test_rows_are_typed_and_report_json_keeps_its_layout():
+    """Rows are ArtifactRow in memory; report.json holds the dicts it always held (keys only some rows carry
+    are left out when unset), and a saved row reads back into the same ArtifactRow (re-rendering)."""
+    from exporter.check.rows import KeypointSection, report_json
+
+    ref = ArtifactRow("pt", kind="pytorch", reference=True, map={"map50_95": 0.5}, seconds=1.0, mem_kind="cpu")
+    pose = ArtifactRow("m.onnx", map={"map50_95": 0.4}, delta_ap=-10.0, delta_basis="PyTorch",
+                       reference_map50_95=0.5, keypoints=KeypointSection(ap={"ap50_95": 0.3}))
+    skipped = ArtifactRow("m.engine", kind="tensorrt", skipped="no GPU")
+    saved = json.loads(json.dumps(report_json({"artifacts": [ref, pose, skipped]})))["artifacts"]
+    assert list(saved[0])[:16] == ["name", "path", "kind", "runtime", "precision", "nms", "batch", "size_mb",
+                                   "sha256", "reference", "skipped", "map", "delta_ap", "parity", "latency",
+                                   "peak_mem_mb"]
+    assert "delta_basis" not in saved[0] and saved[0]["seconds"] == 1.0 and "keypoints" not in saved[0]
+    assert saved[1]["keypoints"] == {"ap": {"ap50_95": 0.3}, "parity": None} and saved[1]["delta_basis"] == "PyTorch"
+    assert "seconds" not in saved[2] and "mem_kind" not in saved[2] and saved[2]["latency"] == []
+    assert [ArtifactRow.from_json(r) for r in saved] == [ref, pose, skipped]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from exporter.check.harness import Gates, apply_gates
+from exporter.check.rows import ArtifactRow
 from exporter.errors import UserError
 from exporter.evaluation.dataset import DatasetError, load_dataset
 from runtimes.base import Detections
@@ -155,17 +157,16 @@ def test_yolo_labels_nan_negative_and_all_empty(tmp_path):
 
 
 def test_undefined_map_and_skipped_artifacts_never_pass_a_gate():
-    ref = {"name": "pt", "reference": True, "skipped": None, "map": {"map50_95": -1.0}, "parity": None,
-           "latency": [{"batch": 1, "model_ms": {"p50": 3.0}}]}
-    art = {"name": "m.onnx", "reference": False, "skipped": None, "map": {"map50_95": -1.0}, "delta_ap": 0.0,
-           "parity": {"finite": True, "cosine": 1.0}, "latency": [{"batch": 1, "model_ms": {"p50": 2.0}}]}
+    ref = ArtifactRow("pt", reference=True, map={"map50_95": -1.0}, latency=[{"batch": 1, "model_ms": {"p50": 3.0}}])
+    art = ArtifactRow("m.onnx", map={"map50_95": -1.0}, delta_ap=0.0, parity={"finite": True, "cosine": 1.0},
+                      latency=[{"batch": 1, "model_ms": {"p50": 2.0}}])
     _, failures = apply_gates([ref, art], Gates(max_map_drop=1.0))
     assert any("mAP is undefined" in f for f in failures)
-    eng = {"name": "m.engine", "reference": False, "skipped": "no TensorRT", "map": None, "parity": None, "latency": []}
-    good = dict(art, map={"map50_95": 0.4}, name="ok.onnx")
-    _, failures = apply_gates([dict(ref, map={"map50_95": 0.4}), good, eng], Gates(max_map_drop=1.0))
+    eng = ArtifactRow("m.engine", skipped="no TensorRT")
+    good = replace(art, map={"map50_95": 0.4}, name="ok.onnx")
+    _, failures = apply_gates([replace(ref, map={"map50_95": 0.4}), good, eng], Gates(max_map_drop=1.0))
     assert failures == ["m.engine was not checked (no TensorRT), so no gate covers it"]
-    _, failures = apply_gates([dict(ref, map={"map50_95": 0.4}), good, eng], Gates())
+    _, failures = apply_gates([replace(ref, map={"map50_95": 0.4}), good, eng], Gates())
     assert failures == []  # no gate asked for: a skip is reported, not a failure
 
 

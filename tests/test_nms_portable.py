@@ -402,9 +402,9 @@ def test_yolo7_bench_runs_a_portable_artifact(tmp_path):
                       data=data / "shapes" / "annotations" / "instances_val.json")
     report = run_bench(cfg)
     row = report["artifacts"][1]
-    assert row["nms"] == "portable" and not row["skipped"]
-    assert row["parity"]["detections"]["matched_share"] > 0.95 and row["map"]["map50_95"] > 0.05
-    assert abs(row["delta_ap"]) < 0.5
+    assert row.nms == "portable" and not row.skipped
+    assert row.parity["detections"]["matched_share"] > 0.95 and row.map["map50_95"] > 0.05
+    assert abs(row.delta_ap) < 0.5
 
 
 def test_greedy_loop_has_a_trip_cap_and_a_data_dependent_stop():

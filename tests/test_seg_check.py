@@ -145,13 +145,13 @@ def test_bench_report_has_mask_map_and_parity(polys, nc3_onnx, tmp_path):
                       max_images=4)
     report = run_bench(cfg)
     rows = report["artifacts"]  # PyTorch reference, raw ONNX, ONNX with the NMS + masks tail
-    assert len(rows) == 3 and rows[0]["reference"]
+    assert len(rows) == 3 and rows[0].reference
     for r in rows:
-        assert r["mask"]["n_detections"] > 0 and 0.0 <= r["mask"]["mask_map50_95"] <= 1.0
+        assert r.mask["n_detections"] > 0 and 0.0 <= r.mask["mask_map50_95"] <= 1.0
     for r in rows[1:]:
-        p = r["mask_parity"]
+        p = r.mask_parity
         assert p["matched"] > 0 and p["mean_iou"] >= 0.99, p
     md = (tmp_path / "bench" / "report.md").read_text()
     assert "## Instance masks" in md and "mask mAP50-95" in md
     saved = json.loads((tmp_path / "bench" / "report.json").read_text())
-    assert saved["artifacts"][1]["mask_parity"]["matched"] == rows[1]["mask_parity"]["matched"]
+    assert saved["artifacts"][1]["mask_parity"]["matched"] == rows[1].mask_parity["matched"]

@@ -35,9 +35,9 @@ def parse_batches(value: str) -> tuple[int, ...]:
 def summary(report: dict, out_dir: Path) -> str:
     """The closing line: what was checked, what was skipped, and which gates held (never 'all gates
     passed' over an artifact that was not measured; such a run fails its gates in the harness)."""
-    rows = [a for a in report["artifacts"] if not a.get("reference")]
-    checked = [a["name"] for a in rows if not a.get("skipped")]
-    skipped = [f"{a['name']} ({a['skipped']})" for a in rows if a.get("skipped")]
+    rows = [a for a in report["artifacts"] if not a.reference]
+    checked = [a.name for a in rows if not a.skipped]
+    skipped = [f"{a.name} ({a.skipped})" for a in rows if a.skipped]
     gates = sorted({g["gate"] for g in report.get("gates", [])})
     text = f"done: checked {len(checked)} artifact(s) against PyTorch"
     text += f" ({', '.join(checked)})" if checked else ""

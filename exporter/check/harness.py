@@ -25,6 +25,7 @@ from ..evaluation.latency import MemoryPeak, measure_latency
 from ..evaluation.parity import check_parity, reference_config
 from ..evaluation.masks import evaluate_mask_map, has_masks, load_labels, mask_parity
 from .environment import describe_device, ort_device, report_versions, trt_unavailable_reason
+from .rows import ArtifactRow, KeypointSection
 
 log = logging.getLogger("yolo7_export")
 CHECK_SETTINGS: dict = {"runs": 20, "warmup": 3}  # `yolo7-export --check`: fewer runs than yolo7-bench's default
@@ -119,10 +120,10 @@ def run_bench(cfg: BenchConfig) -> dict:
     ref_out = ref.run(parity_batch)
     rows = [_measure(_Planned(Path(cfg.checkpoint), "pytorch", ref.info), ref, replace(cfg, batches=ref_batches),
                      dataset, parity_imgs, None, None)]
-    ref_maps = {None: rows[0]["map"]["map50_95"]}  # NMS settings -> PyTorch mAP under them
+    ref_maps = {None: rows[0].map["map50_95"]}  # NMS settings -> PyTorch mAP under them
     for p in planned:
         if p.skipped:
-            rows.append(_row(p, cfg) | {"skipped": p.skipped})
+            rows.append(replace(_row(p, cfg), skipped=p.skipped))
             log.info("skipped %s: %s", p.name, p.skipped)
             continue
         with Detector(open_backend(p.path, device=_device(p, cfg), **_kwargs(p, cfg))) as det:
@@ -253,20 +254,19 @@ def _kwargs(p: _Planned, cfg: BenchConfig) -> dict:
 _RUNTIMES = {"pytorch": "PyTorch", "onnx": "ONNX Runtime", "tensorrt": "TensorRT"}
 
 
-def _row(p: _Planned, cfg: BenchConfig) -> dict:
+def _row(p: _Planned, cfg: BenchConfig) -> ArtifactRow:
     from .. import checkpoint as ckpt_mod
 
     info = p.info
-    return {"name": p.name, "path": str(p.path), "kind": p.kind,
-            "runtime": _RUNTIMES[p.kind] + (f" {_device(p, cfg).upper()}" if p.kind != "tensorrt" else ""),
-            "precision": info.precision if info else "?", "nms": info.nms if info else "?",
-            "batch": info.batch if info else None, "size_mb": round(p.path.stat().st_size / 1e6, 3),
-            "sha256": ckpt_mod.sha256_file(p.path), "reference": p.kind == "pytorch", "skipped": None,
-            "map": None, "delta_ap": None, "parity": None, "latency": [], "peak_mem_mb": None}
+    return ArtifactRow(name=p.name, path=str(p.path), kind=p.kind,
+                       runtime=_RUNTIMES[p.kind] + (f" {_device(p, cfg).upper()}" if p.kind != "tensorrt" else ""),
+                       precision=info.precision if info else "?", nms=info.nms if info else "?",
+                       batch=info.batch if info else None, size_mb=round(p.path.stat().st_size / 1e6, 3),
+                       sha256=ckpt_mod.sha256_file(p.path), reference=p.kind == "pytorch")
 
 
 def _measure(p: _Planned, det: Detector, cfg: BenchConfig, dataset: Dataset, images: list[np.ndarray],
-             parity_ctx, ref_maps: dict | None) -> dict:
+             parity_ctx, ref_maps: dict | None) -> ArtifactRow:
     """mAP, parity (non-reference), latency sweep, peak memory of one artifact."""
     t0 = time.perf_counter()
     p.info = det.info
@@ -275,40 +275,40 @@ def _measure(p: _Planned, det: Detector, cfg: BenchConfig, dataset: Dataset, ima
     with MemoryPeak(cuda) as mem:
         res = evaluate_map(det, dataset, batch_size=cfg.eval_batch, progress=cfg.progress, desc=f"{p.name} mAP",
                            imgsz=cfg.imgsz)
-        row["map"] = res.to_dict()
+        row.map = res.to_dict()
         if parity_ctx is not None:
             batch, ref, ref_out = parity_ctx
-            ref_map, row["delta_basis"] = _reference_map(p.info, ref, dataset, cfg, ref_maps)
-            row["reference_map50_95"] = ref_map
-            row["delta_ap"] = round(100 * (res.map50_95 - ref_map), 3)
-            row["parity"] = check_parity(ref, det, batch, ref_out).to_dict()
+            ref_map, row.delta_basis = _reference_map(p.info, ref, dataset, cfg, ref_maps)
+            row.reference_map50_95 = ref_map
+            row.delta_ap = round(100 * (res.map50_95 - ref_map), 3)
+            row.parity = check_parity(ref, det, batch, ref_out).to_dict()
             if p.info.task == "segment":  # masks of matched detections vs PyTorch, same images
-                row["mask_parity"] = mask_parity(ref, det, images).to_dict()
+                row.mask_parity = mask_parity(ref, det, images).to_dict()
         if p.info.task == "pose":  # COCO keypoint AP (OKS) beside box mAP; keypoint parity vs PyTorch
-            row["keypoints"] = _keypoints(det, cfg, dataset, parity_ctx)
+            row.keypoints = _keypoints(det, cfg, dataset, parity_ctx)
         if p.info.task == "segment" and has_masks(dataset):  # COCO segm beside box mAP (seg val.py protocol)
-            row["mask"] = evaluate_mask_map(det, dataset, batch_size=cfg.eval_batch, progress=cfg.progress).to_dict()
+            row.mask = evaluate_mask_map(det, dataset, batch_size=cfg.eval_batch, progress=cfg.progress).to_dict()
         for b in _batches_for(det, cfg.batches):
             lat = measure_latency(det, images, b, runs=cfg.runs, warmup=cfg.warmup, progress=cfg.progress,
                                   desc=f"{p.name} b{b}", cuda=cuda)
-            row["latency"].append(_attributable_memory(lat.to_dict()))
-    row["peak_mem_mb"], row["mem_kind"] = (mem.peak_mb, mem.kind) if cuda else (None, CPU_MEMORY_NOTE)
-    row["seconds"] = round(time.perf_counter() - t0, 1)
-    lat0 = row["latency"][0] if row["latency"] else None
+            row.latency.append(_attributable_memory(lat.to_dict()))
+    row.peak_mem_mb, row.mem_kind = (mem.peak_mb, mem.kind) if cuda else (None, CPU_MEMORY_NOTE)
+    row.seconds = round(time.perf_counter() - t0, 1)
+    lat0 = row.latency[0] if row.latency else None
     log.info("%s: mAP50-95 %.4f mAP50 %.4f%s", p.name, res.map50_95, res.map50,
              f", b{lat0['batch']} p50 {lat0['model_ms']['p50']:.2f} ms" if lat0 else "")
     return row
 
 
-def _keypoints(det: Detector, cfg: BenchConfig, dataset: Dataset, parity_ctx) -> dict:
-    """{"ap": KeypointMapResult, "parity": KeypointParity (artifacts only)} as dicts (evaluation/keypoints.py)."""
+def _keypoints(det: Detector, cfg: BenchConfig, dataset: Dataset, parity_ctx) -> KeypointSection:
+    """Keypoint AP and (artifacts only) keypoint parity, as dicts of evaluation/keypoints.py's results."""
     from ..evaluation.keypoints import evaluate_keypoints, keypoint_parity
 
-    out = {"ap": evaluate_keypoints(det, dataset, batch_size=cfg.eval_batch, progress=cfg.progress).to_dict(),
-           "parity": None}
+    out = KeypointSection(ap=evaluate_keypoints(det, dataset, batch_size=cfg.eval_batch,
+                                                progress=cfg.progress).to_dict())
     if parity_ctx is not None:
         batch, ref, ref_out = parity_ctx
-        out["parity"] = keypoint_parity(ref, det, batch, ref_out, reference_config(det.info)).to_dict()
+        out.parity = keypoint_parity(ref, det, batch, ref_out, reference_config(det.info)).to_dict()
     return out
 
 
@@ -359,22 +359,22 @@ class GateResult:
     passed: bool
 
 
-def apply_gates(rows: list[dict], gates: Gates) -> tuple[list[GateResult], list[str]]:
+def apply_gates(rows: list[ArtifactRow], gates: Gates) -> tuple[list[GateResult], list[str]]:
     """One record per (gate, artifact) and one-line reasons for the failures. A gate that can check no
     artifact fails too: a CI gate that silently checks nothing is a broken gate."""
     out: list[GateResult] = []
     failures: list[str] = []
-    ref = next((r for r in rows if r["reference"]), None)
-    measured = [r for r in rows if not r["skipped"] and not r["reference"]]
+    ref = next((r for r in rows if r.reference), None)
+    measured = [r for r in rows if not r.skipped and not r.reference]
     for r in rows:
-        if r.get("parity") and not r["parity"]["finite"]:
-            failures.append(f"{r['name']} produced NaN/Inf outputs")
-        if r.get("map") and r["map"]["map50_95"] < 0:  # COCO's -1: nothing to score, never a pass
-            failures.append(f"{r['name']}: mAP is undefined (-1: no labelled objects were scored)")
+        if r.parity and not r.parity["finite"]:
+            failures.append(f"{r.name} produced NaN/Inf outputs")
+        if r.map and r.map["map50_95"] < 0:  # COCO's -1: nothing to score, never a pass
+            failures.append(f"{r.name}: mAP is undefined (-1: no labelled objects were scored)")
     if any(g is not None for g in asdict(gates).values()):
         for r in rows:
-            if r["skipped"]:  # a gate must not pass on an artifact it never saw
-                failures.append(f"{r['name']} was not checked ({r['skipped']}), so no gate covers it")
+            if r.skipped:  # a gate must not pass on an artifact it never saw
+                failures.append(f"{r.name} was not checked ({r.skipped}), so no gate covers it")
 
     def record(gate, artifact, value, limit, passed, reason):
         out.append(GateResult(gate, artifact, value, limit, passed))
@@ -383,25 +383,26 @@ def apply_gates(rows: list[dict], gates: Gates) -> tuple[list[GateResult], list[
 
     if gates.max_map_drop is not None:
         for r in measured:
-            drop = -r["delta_ap"]
-            record("max-map-drop", r["name"], drop, gates.max_map_drop, drop <= gates.max_map_drop + 1e-9,
-                   f"max-map-drop {gates.max_map_drop:g} AP: {r['name']} is {drop:.2f} AP below PyTorch "
-                   f"(mAP50-95 {r.get('reference_map50_95', ref['map']['map50_95']):.4f} -> {r['map']['map50_95']:.4f})")
+            drop = -r.delta_ap
+            ref_map = r.reference_map50_95 if r.reference_map50_95 is not None else ref.map["map50_95"]
+            record("max-map-drop", r.name, drop, gates.max_map_drop, drop <= gates.max_map_drop + 1e-9,
+                   f"max-map-drop {gates.max_map_drop:g} AP: {r.name} is {drop:.2f} AP below PyTorch "
+                   f"(mAP50-95 {ref_map:.4f} -> {r.map['map50_95']:.4f})")
         if not measured:
             record("max-map-drop", "-", None, gates.max_map_drop, False, "max-map-drop: no artifact besides the "
                    "PyTorch reference could be measured")
     if gates.max_latency_ms is not None:
         for r in measured or [ref]:
-            lat = r["latency"][0]
+            lat = r.latency[0]
             p50 = lat["model_ms"]["p50"]
-            record("max-latency-ms", r["name"], p50, gates.max_latency_ms, p50 <= gates.max_latency_ms,
-                   f"max-latency-ms {gates.max_latency_ms:g}: {r['name']} median {p50:.2f} ms at batch {lat['batch']}")
+            record("max-latency-ms", r.name, p50, gates.max_latency_ms, p50 <= gates.max_latency_ms,
+                   f"max-latency-ms {gates.max_latency_ms:g}: {r.name} median {p50:.2f} ms at batch {lat['batch']}")
     if gates.min_parity_cos is not None:
-        raw = [r for r in measured if r["parity"] and r["parity"]["cosine"] is not None]
+        raw = [r for r in measured if r.parity and r.parity["cosine"] is not None]
         for r in raw:
-            cos = r["parity"]["cosine"]
-            record("min-parity-cos", r["name"], cos, gates.min_parity_cos, cos >= gates.min_parity_cos,
-                   f"min-parity-cos {gates.min_parity_cos:g}: {r['name']} cosine {cos:.6f} with PyTorch")
+            cos = r.parity["cosine"]
+            record("min-parity-cos", r.name, cos, gates.min_parity_cos, cos >= gates.min_parity_cos,
+                   f"min-parity-cos {gates.min_parity_cos:g}: {r.name} cosine {cos:.6f} with PyTorch")
         if not raw:
             record("min-parity-cos", "-", None, gates.min_parity_cos, False, "min-parity-cos: no artifact with a raw "
                    "output to compare (NMS-tail artifacts have detections only, see the parity table)")
@@ -428,5 +429,5 @@ def check_after_export(opts, result, reference: tuple | None = None) -> dict:
                       reference=reference)
     report = run_bench(cfg)
     return {"report_dir": str(cfg.out_dir), "passed": report["passed"],
-            "artifacts": [{k: a.get(k) for k in ("name", "skipped", "delta_ap")} | {
-                "map50_95": (a.get("map") or {}).get("map50_95")} for a in report["artifacts"]]}
+            "artifacts": [{"name": a.name, "skipped": a.skipped, "delta_ap": a.delta_ap,
+                           "map50_95": (a.map or {}).get("map50_95")} for a in report["artifacts"]]}

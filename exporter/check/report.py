@@ -1,7 +1,8 @@
 """The three report files from one report dict: report.json (everything), report.md (tables), fps_vs_map.png.
 
 All three are written atomically; the json is the source of truth and the other two are views of it, so
-``write_report`` can also re-render a saved report.json.
+``write_report`` can also re-render a saved report.json. Artifact rows are read by attribute
+(``rows.ArtifactRow``); a saved report.json's plain-dict rows are turned back into rows first.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import io
 from pathlib import Path
 
 from ..artifacts import write_bytes_atomic, write_json_atomic
+from .rows import ArtifactRow, artifact_rows, report_json
 
 FILES = ("report.json", "report.md", "fps_vs_map.png")
 
@@ -16,7 +18,7 @@ FILES = ("report.json", "report.md", "fps_vs_map.png")
 def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     paths = {name: out_dir / name for name in FILES}
-    write_json_atomic(paths["report.json"], report)
+    write_json_atomic(paths["report.json"], report_json(report))
     write_bytes_atomic(paths["report.md"], render_markdown(report).encode())
     write_bytes_atomic(paths["fps_vs_map.png"], render_plot(report))
     return paths
@@ -26,9 +28,8 @@ def _f(value, fmt: str = ".3f", none: str = "–") -> str:
     return none if value is None else format(value, fmt)
 
 
-def _first_latency(a: dict) -> dict | None:
-    lat = a.get("latency") or []
-    return lat[0] if lat else None
+def _first_latency(a: ArtifactRow) -> dict | None:
+    return a.latency[0] if a.latency else None
 
 
 def render_markdown(report: dict) -> str:
@@ -43,17 +44,16 @@ def render_markdown(report: dict) -> str:
              f"{s.get('threads_note', '')}", "",
              "| artifact | runtime | precision | size MB | mAP50-95 | Δ AP | mAP50 | p50 ms | FPS |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for a in report["artifacts"]:
-        m, lat = a.get("map") or {}, _first_latency(a)
-        if a.get("skipped"):
-            lines.append(f"| {a['name']} | {a['runtime']} | {a['precision']} | {_f(a.get('size_mb'), '.2f')} "
-                         f"| skipped: {a['skipped']} |||||")
+    for a in artifact_rows(report):
+        m, lat = a.map or {}, _first_latency(a)
+        if a.skipped:
+            lines.append(f"| {a.name} | {a.runtime} | {a.precision} | {_f(a.size_mb, '.2f')} "
+                         f"| skipped: {a.skipped} |||||")
             continue
         p50 = f"{lat['model_ms']['p50']:.2f} (b{lat['batch']})" if lat else "–"
-        delta = a.get("delta_ap")
-        lines.append(f"| {a['name']} | {a['runtime']} | {a['precision']}{'' if a['nms'] == 'none' else ' +NMS'} | "
-                     f"{_f(a.get('size_mb'), '.2f')} | {_f(m.get('map50_95'))} | "
-                     f"{'ref' if a.get('reference') else _f(delta, '+.2f')} | {_f(m.get('map50'))} | {p50} | "
+        lines.append(f"| {a.name} | {a.runtime} | {a.precision}{'' if a.nms == 'none' else ' +NMS'} | "
+                     f"{_f(a.size_mb, '.2f')} | {_f(m.get('map50_95'))} | "
+                     f"{'ref' if a.reference else _f(a.delta_ap, '+.2f')} | {_f(m.get('map50'))} | {p50} | "
                      f"{_f(lat['fps'] if lat else None, '.1f')} |")
     lines += ["", "Δ AP: mAP50-95 difference to the PyTorch reference in AP points (x100). p50 ms and FPS: model "
               "only (backend call on a letterboxed batch) at the smallest batch measured; FPS = images/s.", ""]
@@ -63,17 +63,17 @@ def render_markdown(report: dict) -> str:
 
 def _mask_table(report: dict) -> list[str]:
     """Segmentation artifacts: mask mAP (COCO segm) beside box mAP from the same run, and mask parity."""
-    rows = [a for a in report["artifacts"] if a.get("mask") or a.get("mask_parity")]
+    rows = [a for a in artifact_rows(report) if a.mask or a.mask_parity]
     if not rows:
         return []
     out = ["## Instance masks", "",
            "| artifact | mask mAP50-95 | mask mAP50 | box mAP50-95 | box mAP50 | masks matched | mean mask IoU | "
            "min mask IoU | IoU >= 0.99 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for a in rows:
-        m, p = a.get("mask") or {}, a.get("mask_parity") or {}
-        matched = f"{p['matched']}/{p['n_reference']}" if p else "ref" if a.get("reference") else "–"
+        m, p = a.mask or {}, a.mask_parity or {}
+        matched = f"{p['matched']}/{p['n_reference']}" if p else "ref" if a.reference else "–"
         share = p.get("share_iou_099")
-        out.append(f"| {a['name']} | {_f(m.get('mask_map50_95'))} | {_f(m.get('mask_map50'))} | "
+        out.append(f"| {a.name} | {_f(m.get('mask_map50_95'))} | {_f(m.get('mask_map50'))} | "
                    f"{_f(m.get('box_map50_95'))} | {_f(m.get('box_map50'))} | {matched} | {_f(p.get('mean_iou'), '.4f')} | "
                    f"{_f(p.get('min_iou'), '.4f')} | {_f(None if share is None else 100 * share, '.1f')}{'%' if p else ''} |")
     return out + ["", "Mask mAP: COCO segm (faster-coco-eval) with the official seg val.py protocol (conf 0.001, "
@@ -84,16 +84,16 @@ def _mask_table(report: dict) -> list[str]:
 
 def _keypoint_table(report: dict) -> list[str]:
     """Pose artifacts: COCO keypoint AP (OKS) and keypoint parity with PyTorch (evaluation/keypoints.py)."""
-    rows = [a for a in report["artifacts"] if a.get("keypoints")]
+    rows = [a for a in artifact_rows(report) if a.keypoints]
     if not rows:
         return []
     out = ["## Keypoints", "",
            "| artifact | keypoint AP50-95 | keypoint AP50 | OKS sigmas | kpts matched | max px | mean px | "
            "visibility max abs |", "|---|---:|---:|---|---:|---:|---:|---:|"]
     for a in rows:
-        ap, par = a["keypoints"].get("ap") or {}, a["keypoints"].get("parity") or {}
-        matched = f"{par['matched']}/{par['n_reference']}" if par else "ref" if a.get("reference") else "–"
-        out.append(f"| {a['name']} | {_f(ap.get('ap50_95'))} | {_f(ap.get('ap50'))} | {ap.get('sigmas', '–')} | "
+        ap, par = a.keypoints.ap or {}, a.keypoints.parity or {}
+        matched = f"{par['matched']}/{par['n_reference']}" if par else "ref" if a.reference else "–"
+        out.append(f"| {a.name} | {_f(ap.get('ap50_95'))} | {_f(ap.get('ap50'))} | {ap.get('sigmas', '–')} | "
                    f"{matched} | {_f(par.get('max_px'), '.4g')} | {_f(par.get('mean_px'), '.3g')} | "
                    f"{_f(par.get('visibility_max_abs'), '.3g')} |")
     return out + ["", "Keypoint AP: COCO keypoints evaluation (OKS) by faster-coco-eval on the labelled set's keypoints, "
@@ -105,10 +105,10 @@ def _latency_table(report: dict) -> list[str]:
     out = ["## Latency (batch sweep)", "",
            "| artifact | batch | model p50 ms | p90 | p99 | FPS | end-to-end p50 ms | p99 | FPS e2e | peak mem MB |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for a in report["artifacts"]:
-        for lat in a.get("latency") or []:
+    for a in artifact_rows(report):
+        for lat in a.latency:
             m, e = lat["model_ms"], lat["e2e_ms"]
-            out.append(f"| {a['name']} | {lat['batch']} | {m['p50']:.2f} | {m['p90']:.2f} | {m['p99']:.2f} | "
+            out.append(f"| {a.name} | {lat['batch']} | {m['p50']:.2f} | {m['p90']:.2f} | {m['p99']:.2f} | "
                        f"{lat['fps']:.1f} | {e['p50']:.2f} | {e['p99']:.2f} | {lat['fps_e2e']:.1f} | "
                        f"{_f(lat.get('peak_mem_mb'), '.1f')} |")
     return out + ["", "End-to-end: BGR images in, detections in image pixels out (letterbox + inference + NMS at "
@@ -119,12 +119,12 @@ def _parity_table(report: dict) -> list[str]:
     out = ["## Parity with PyTorch (same letterboxed batch)", "",
            "| artifact | cosine | score cosine | max abs | mean abs | max rel | box max abs px | score max abs | "
            "boxes matched | score diff max | finite |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for a in report["artifacts"]:
-        p = a.get("parity")
+    for a in artifact_rows(report):
+        p = a.parity
         if not p:
             continue
         r, d = p.get("raw") or {}, p["detections"]
-        out.append(f"| {a['name']} | {_f(r.get('cosine'), '.6f')} | {_f(r.get('score_cosine'), '.6f')} | "
+        out.append(f"| {a.name} | {_f(r.get('cosine'), '.6f')} | {_f(r.get('score_cosine'), '.6f')} | "
                    f"{_f(r.get('max_abs'), '.4g')} | "
                    f"{_f(r.get('mean_abs'), '.3g')} | {_f(r.get('max_rel'), '.3g')} | {_f(r.get('box_max_abs'), '.3g')} | "
                    f"{_f(r.get('score_max_abs'), '.3g')} | {d['matched']}/{d['n_reference']} "
@@ -147,9 +147,9 @@ def _gates(report: dict) -> list[str]:
 
 
 def _notes(report: dict) -> list[str]:
-    notes = [f"- {a['name']}: {a['map']['protocol_note']}; its Δ AP is against {a.get('delta_basis')} "
-             f"(mAP50-95 {a.get('reference_map50_95', 0):.3f})" for a in report["artifacts"]
-             if (a.get("map") or {}).get("protocol_note")]
+    notes = [f"- {a.name}: {a.map['protocol_note']}; its Δ AP is against {a.delta_basis} "
+             f"(mAP50-95 {a.reference_map50_95 or 0:.3f})" for a in artifact_rows(report)
+             if (a.map or {}).get("protocol_note")]
     notes += [f"- {n}" for n in report.get("notes", [])]
     v = report.get("versions", {})
     notes.append("- versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v) if k != "platform"))
@@ -168,12 +168,12 @@ def render_plot(report: dict) -> bytes:
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
     markers = "osD^vP*X"
     plotted, all_y = 0, []
-    for k, a in enumerate(report["artifacts"]):
-        lat, m = a.get("latency") or [], a.get("map")
+    for k, a in enumerate(artifact_rows(report)):
+        lat, m = a.latency, a.map
         if not lat or not m:
             continue
         xs, ys = [l["fps"] for l in lat], [100 * m["map50_95"]] * len(lat)
-        ax.plot(xs, ys, marker=markers[k % len(markers)], linestyle="-", label=f"{a['name']} ({a['runtime']})")
+        ax.plot(xs, ys, marker=markers[k % len(markers)], linestyle="-", label=f"{a.name} ({a.runtime})")
         for lt, x, y in zip(lat, xs, ys):
             ax.annotate(f"b{lt['batch']}", (x, y), textcoords="offset points", xytext=(4, 5), fontsize=7)
         plotted += 1
