@@ -27,7 +27,6 @@ import onnx_graphsurgeon as gs
 from runtimes.contract import KPT_OUTPUT, NMS_INDICES, NMS_OUTPUTS, RAW_OUTPUT
 
 from .errors import UserError
-from .onnx_export import copy_metadata
 
 PREFIX = "kpts/"
 
@@ -90,7 +89,7 @@ def append_keypoints(proto: onnx.ModelProto, nc: int, nkpt: int) -> onnx.ModelPr
     model = gs.export_onnx(graph, opset_imports=list(proto.opset_import))
     model.ir_version = proto.ir_version
     model.producer_name, model.producer_version = proto.producer_name, proto.producer_version
-    copy_metadata(proto, model)
+    # no yolo7_export metadata on this intermediate graph: facts travel as ModelInfo, finalize() writes it once
     onnx.checker.check_model(model)
     return model
 

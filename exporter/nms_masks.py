@@ -26,7 +26,6 @@ import onnx_graphsurgeon as gs
 from runtimes.contract import MASK_OUTPUTS, NMS_INDICES, NMS_OUTPUTS, PROTO_OUTPUT, RAW_OUTPUT
 
 from .errors import UserError
-from .onnx_export import copy_metadata
 
 PREFIX = "masks/"
 DET_MASKS, DET_COEFS = MASK_OUTPUTS
@@ -143,7 +142,7 @@ def append_masks(proto: onnx.ModelProto, nc: int, nm: int, imgsz: tuple[int, int
     model = gs.export_onnx(graph, opset_imports=list(proto.opset_import))
     model.ir_version = proto.ir_version
     model.producer_name, model.producer_version = proto.producer_name, proto.producer_version
-    copy_metadata(proto, model)
+    # no yolo7_export metadata on this intermediate graph: facts travel as ModelInfo, finalize() writes it once
     onnx.checker.check_model(model)
     return model
 

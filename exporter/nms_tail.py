@@ -27,7 +27,6 @@ from runtimes.contract import NMS_OUTPUTS, RAW_OUTPUT
 from .errors import UserError
 from .nms_graph import (BOOL, F32, FLOAT, I32, I64, INT32, INT64, MAX_TOPK, Builder, finish_outputs, gather_rows,
                         ordered_top, pad_columns)
-from .onnx_export import copy_metadata
 from .options import NmsOptions
 
 TRT_DOMAIN = "TRT"  # TensorRT's parser finds plugins by op type + plugin_version; "TRT" is the usual domain
@@ -107,7 +106,7 @@ def append_nms(proto: onnx.ModelProto, nms: NmsOptions, nc: int, *, keep_raw: bo
     model = gs.export_onnx(graph, opset_imports=domains)
     model.ir_version = proto.ir_version
     model.producer_name, model.producer_version = proto.producer_name, proto.producer_version
-    copy_metadata(proto, model)
+    # no yolo7_export metadata on this intermediate graph: facts travel as ModelInfo, finalize() writes it once
     onnx.checker.check_model(model)  # an unregistered domain (TRT) is not schema-checked, the rest is
     return model
 

@@ -2,8 +2,9 @@
 
 Bottom layer, and duck-typed on purpose (anything with a ``metadata_props`` list of key/value entries,
 i.e. an ``onnx.ModelProto``): the ONNX Runtime backend reads an artifact's facts without importing onnx,
-torch or the exporter, and the exporter's tools (AutoCast, quantize_static, onnx-graphsurgeon), which all
-drop metadata, get it back with :func:`copy_metadata`.
+torch or the exporter. The pipeline writes it once, at the end (``onnx_export.finalize``); the stages between
+(FP16, the NMS/keypoint/mask tails) pass ModelInfo as a value and return graphs without it. Only INT8's Q/DQ
+builder still uses :func:`copy_metadata`: recovery evaluates its graphs through the ONNX Runtime backend.
 """
 from __future__ import annotations
 

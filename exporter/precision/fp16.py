@@ -26,7 +26,6 @@ import numpy as np
 import onnx
 
 from ..errors import UserError
-from ..onnx_export import copy_metadata
 from .graph import check_node_names, decode_nodes
 
 log = logging.getLogger("yolo7_export")
@@ -55,7 +54,7 @@ def fp16_outside_decode(proto: onnx.ModelProto) -> onnx.ModelProto:
         onnx.save_model(proto, str(path))
         out = convert_to_mixed_precision(str(path), low_precision_type="fp16", nodes_to_exclude=patterns,
                                          data_max=np.inf, keep_io_types=True)
-    copy_metadata(proto, out)
+    # no yolo7_export metadata on this intermediate graph: facts travel as ModelInfo, the pipeline's finalize() writes it once
     return out
 
 

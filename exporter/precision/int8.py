@@ -136,5 +136,7 @@ class QdqBuilder:
         qproto = set_scales(self._place(tuple(sorted(exclude))), self.calibration.amax)
         if fp16:
             qproto = fp16_outside_decode(qproto)
+        # the one intermediate copy left: INT8 recovery runs this graph through OnnxBackend, which reads the
+        # model's facts from its metadata (the pipeline's finalize() rewrites it from ModelInfo at the end)
         copy_metadata(self.proto, qproto)
         return qproto
