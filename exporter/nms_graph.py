@@ -27,14 +27,20 @@ FLOAT, INT32, INT64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT32, onnx.Tenso
 
 
 class Builder:
-    """Adds named nodes to a gs.Graph; names are counted so the same graph always gets the same names."""
+    """Adds named nodes to a gs.Graph; names are counted so the same graph always gets the same names.
+
+    ``prefix`` keeps each tail's node names apart (nms/, kpts/, masks/): the keypoint and mask tails subclass
+    this with their own prefix.
+    """
+
+    prefix = PREFIX
 
     def __init__(self, graph: gs.Graph, opset: int):
         self.graph, self.opset, self.count = graph, opset, 0
 
     def name(self, op: str) -> str:
         self.count += 1
-        return f"{PREFIX}{op}_{self.count}"
+        return f"{self.prefix}{op}_{self.count}"
 
     def const(self, value, dtype) -> gs.Constant:
         return gs.Constant(self.name("const"), np.asarray(value, dtype=dtype))

@@ -27,31 +27,19 @@ import onnx_graphsurgeon as gs
 from runtimes.contract import KPT_OUTPUT, NMS_INDICES, NMS_OUTPUTS, RAW_OUTPUT
 
 from .errors import UserError
+from .nms_graph import Builder
 
 PREFIX = "kpts/"
 
 
-class _Ops:
-    """Named node factory with its own prefix (deterministic names, no clash with the nms/ nodes)."""
+class _Ops(Builder):
+    """The NMS tails' node factory under its own prefix; outputs default to float32, ``name`` names one."""
 
-    def __init__(self, graph: gs.Graph, opset: int):
-        self.graph, self.opset, self.count = graph, opset, 0
+    prefix = PREFIX
 
-    def const(self, value, dtype) -> gs.Constant:
-        self.count += 1
-        return gs.Constant(f"{PREFIX}const_{self.count}", np.asarray(value, dtype=dtype))
-
-    def op(self, op: str, inputs: list, attrs: dict | None = None, dtype=np.float32, name: str | None = None):
-        self.count += 1
-        node_name = f"{PREFIX}{op}_{self.count}"
-        out = gs.Variable(name or f"{node_name}_out0", dtype=dtype)
-        self.graph.nodes.append(gs.Node(op=op, name=node_name, attrs=attrs or {}, inputs=inputs, outputs=[out]))
-        return out
-
-    def unsqueeze(self, x, axis: int, dtype):
-        if self.opset >= 13:
-            return self.op("Unsqueeze", [x, self.const([axis], np.int64)], dtype=dtype)
-        return self.op("Unsqueeze", [x], {"axes": [axis]}, dtype=dtype)
+    def op(self, op: str, inputs: list, attrs: dict | None = None, dtype=np.float32, name: str | None = None,
+           out_names: list[str] | None = None):
+        return super().op(op, inputs, attrs, dtype=dtype, out_names=[name] if name else out_names)
 
 
 def append_keypoints(proto: onnx.ModelProto, nc: int, nkpt: int) -> onnx.ModelProto:

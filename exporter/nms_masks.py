@@ -26,36 +26,29 @@ import onnx_graphsurgeon as gs
 from runtimes.contract import MASK_OUTPUTS, NMS_INDICES, NMS_OUTPUTS, PROTO_OUTPUT, RAW_OUTPUT
 
 from .errors import UserError
+from .nms_graph import Builder
 
 PREFIX = "masks/"
 DET_MASKS, DET_COEFS = MASK_OUTPUTS
 
 
-class _Ops:
-    """Named node factory (deterministic names, so equal inputs give equal bytes)."""
+class _Ops(Builder):
+    """The NMS tails' node factory under its own prefix; outputs default to float32, ``name`` names one."""
 
-    def __init__(self, graph: gs.Graph, opset: int):
-        self.graph, self.opset, self.count = graph, opset, 0
+    prefix = PREFIX
 
-    def const(self, value, dtype) -> gs.Constant:
-        self.count += 1
-        return gs.Constant(f"{PREFIX}const_{self.count}", np.asarray(value, dtype=dtype))
-
-    def op(self, op: str, inputs: list, attrs: dict | None = None, dtype=np.float32, name: str | None = None):
-        self.count += 1
-        node_name = f"{PREFIX}{op}_{self.count}"
-        out = gs.Variable(name or f"{node_name}_out0", dtype=dtype)
-        self.graph.nodes.append(gs.Node(op=op, name=node_name, attrs=attrs or {}, inputs=inputs, outputs=[out]))
-        return out
+    def op(self, op: str, inputs: list, attrs: dict | None = None, dtype=np.float32, name: str | None = None,
+           out_names: list[str] | None = None):
+        return super().op(op, inputs, attrs, dtype=dtype, out_names=[name] if name else out_names)
 
     def slice(self, x, start: int, end: int, axis: int, dtype=np.float32):
-        c = self.const
-        return self.op("Slice", [x, c([start], np.int64), c([end], np.int64), c([axis], np.int64)], dtype=dtype)
+        return super().slice(x, start, end, axis, dtype=dtype)
 
     def f32(self, x):
         return x if x.dtype == np.float32 else self.op("Cast", [x], {"to": onnx.TensorProto.FLOAT})
 
     def unsqueeze(self, x, axes: list[int], dtype=np.float32):
+        """Several axes at once (the base class's takes one)."""
         if self.opset >= 13:
             return self.op("Unsqueeze", [x, self.const(axes, np.int64)], dtype=dtype)
         return self.op("Unsqueeze", [x], {"axes": axes}, dtype=dtype)
