@@ -53,7 +53,7 @@ def test_fp16_masks_match_fp32(fp32, tmp_path):
 
 def test_int8_masks_measured(fp32, tmp_path):
     share, iou = _mask_agreement(fp32, _run(tmp_path, "int8"))
-    # random weights + unrelated calibration images: measured 28/37 kept, mean IoU 0.84
+    # random weights + unrelated calibration images: measured 25/37 kept, mean IoU 0.82 (TensorRT-shaped placement)
     assert share >= 0.5 and iou >= 0.7, (share, iou)
 
 
