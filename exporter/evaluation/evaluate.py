@@ -102,13 +102,15 @@ def detections_to_coco(det: Detections, image_id: int, category_ids: list[int]) 
     return out
 
 
-def score_coco(gt: dict, preds: list[dict], evaluator: str = "faster-coco-eval") -> tuple[np.ndarray, dict[int, float]]:
-    """COCO bbox evaluation -> (12 summary stats, {category_id: AP50-95}); empty predictions score 0."""
+def run_cocoeval(gt: dict, preds: list[dict], iou_type: str, evaluator: str = "faster-coco-eval",
+                 kpt_oks_sigmas=None):
+    """One COCO evaluation (``iou_type`` bbox, segm or keypoints) with faster-coco-eval or pycocotools (the
+    reference), their console output silenced; returns the evaluator after ``summarize`` (``stats``, ``eval``).
+
+    ``preds`` must be the caller's own copies: both evaluators add fields to them in place.
+    """
     if evaluator not in EVALUATORS:
         raise UserError(f"unknown evaluator {evaluator!r}; choose from {', '.join(EVALUATORS)}")
-    if not preds:
-        return np.zeros(12), {}
-    preds = [dict(p, bbox=list(p["bbox"])) for p in preds]  # loadRes adds fields in place
     with contextlib.redirect_stdout(io.StringIO()):
         if evaluator == "pycocotools":
             from pycocotools.coco import COCO
@@ -117,15 +119,28 @@ def score_coco(gt: dict, preds: list[dict], evaluator: str = "faster-coco-eval")
             coco_gt = COCO()
             coco_gt.dataset = _copy_gt(gt)
             coco_gt.createIndex()
-            ev = COCOeval(coco_gt, coco_gt.loadRes(preds), "bbox")
+            ev = COCOeval(coco_gt, coco_gt.loadRes(preds), iou_type)
+            if kpt_oks_sigmas is not None:
+                ev.params.kpt_oks_sigmas = np.asarray(kpt_oks_sigmas, np.float64)
         else:
             from faster_coco_eval import COCO, COCOeval_faster
 
+            extra = {} if kpt_oks_sigmas is None else {"kpt_oks_sigmas": [float(s) for s in kpt_oks_sigmas]}
             coco_gt = COCO(_copy_gt(gt), print_function=_quiet)
-            ev = COCOeval_faster(coco_gt, coco_gt.loadRes(preds), "bbox", print_function=_quiet)
+            ev = COCOeval_faster(coco_gt, coco_gt.loadRes(preds), iou_type, print_function=_quiet, **extra)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
+    return ev
+
+
+def score_coco(gt: dict, preds: list[dict], evaluator: str = "faster-coco-eval") -> tuple[np.ndarray, dict[int, float]]:
+    """COCO bbox evaluation -> (12 summary stats, {category_id: AP50-95}); empty predictions score 0."""
+    if evaluator not in EVALUATORS:
+        raise UserError(f"unknown evaluator {evaluator!r}; choose from {', '.join(EVALUATORS)}")
+    if not preds:
+        return np.zeros(12), {}
+    ev = run_cocoeval(gt, [dict(p, bbox=list(p["bbox"])) for p in preds], "bbox", evaluator)
     precision = np.asarray(ev.eval["precision"])  # [T, R, K, A, M]
     per_class = {}
     for k, cat in enumerate(ev.params.catIds):

@@ -12,8 +12,6 @@
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -23,8 +21,9 @@ from runtimes.base import DetectConfig, Detections, Detector
 from runtimes.keypoints import COCO_SIGMAS
 from runtimes.preprocess import read_image
 
+from ..errors import UserError
 from ..evaluation.dataset import Dataset, DatasetError
-from ..evaluation.evaluate import EVAL_CONFIG, EVALUATORS
+from ..evaluation.evaluate import EVAL_CONFIG, EVALUATORS, run_cocoeval
 from ..evaluation.parity import MATCH_IOU, box_iou
 
 DEFAULT_SIGMA = 0.05  # OKS constant per keypoint when the layout is not COCO's 17
@@ -109,35 +108,11 @@ def score_keypoints(gt: dict, preds: list[dict], sigmas: np.ndarray,
                     evaluator: str = "faster-coco-eval") -> np.ndarray:
     """COCO keypoint evaluation -> the 10 summary stats (AP, AP50, AP75, APm, APl, AR, ...); 0 if no preds."""
     if evaluator not in EVALUATORS:
-        raise ValueError(f"unknown evaluator {evaluator!r}; choose from {', '.join(EVALUATORS)}")
+        raise UserError(f"unknown evaluator {evaluator!r}; choose from {', '.join(EVALUATORS)}")
     if not preds:
         return np.zeros(10)
     preds = [dict(p, keypoints=list(p["keypoints"]), bbox=list(p["bbox"])) for p in preds]
-    gt = {k: ([dict(x) for x in v] if isinstance(v, list) else v) for k, v in gt.items()}
-    with contextlib.redirect_stdout(io.StringIO()):
-        if evaluator == "pycocotools":
-            from pycocotools.coco import COCO
-            from pycocotools.cocoeval import COCOeval
-
-            coco_gt = COCO()
-            coco_gt.dataset = gt
-            coco_gt.createIndex()
-            ev = COCOeval(coco_gt, coco_gt.loadRes(preds), "keypoints")
-            ev.params.kpt_oks_sigmas = np.asarray(sigmas, np.float64)
-        else:
-            from faster_coco_eval import COCO, COCOeval_faster
-
-            coco_gt = COCO(gt, print_function=_quiet)
-            ev = COCOeval_faster(coco_gt, coco_gt.loadRes(preds), "keypoints", print_function=_quiet,
-                                 kpt_oks_sigmas=[float(s) for s in sigmas])
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return np.asarray(ev.stats[:10], np.float64)
-
-
-def _quiet(*args, **kwargs) -> None:
-    """faster-coco-eval logs its summary table; the report carries the numbers."""
+    return np.asarray(run_cocoeval(gt, preds, "keypoints", evaluator, kpt_oks_sigmas=sigmas).stats[:10], np.float64)
 
 
 def evaluate_keypoints(detector: Detector, dataset: Dataset, batch_size: int = 8, progress: bool = False,

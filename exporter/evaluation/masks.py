@@ -13,8 +13,6 @@
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ from runtimes.preprocess import read_image
 
 from ..errors import UserError
 from ..evaluation.dataset import Dataset, DatasetError, ImageRecord, label_path, load_dataset
+from ..evaluation.evaluate import EVALUATORS, run_cocoeval
 
 SEG_EVAL_CONFIG = DetectConfig(conf=0.001, iou=0.6, max_det=300, multi_label=True, agnostic=False)
 MATCH_IOU = 0.9
@@ -156,32 +155,15 @@ def detections_to_coco_segm(det: Detections, image_id: int, category_ids: list[i
 def score_segm(gt: dict, preds: list[dict], iou_type: str = "segm",
                evaluator: str = "faster-coco-eval") -> np.ndarray:
     """COCO evaluation of ``iou_type`` ('segm' or 'bbox') -> the 12 summary numbers; no predictions -> zeros."""
+    if evaluator not in EVALUATORS:
+        raise UserError(f"unknown evaluator {evaluator!r}; choose from {', '.join(EVALUATORS)}")
     if not preds:
         return np.zeros(12)
     preds = [dict(p, bbox=list(p["bbox"]), segmentation=dict(p["segmentation"])) for p in preds]
-    gt = {k: ([dict(x) for x in v] if isinstance(v, list) else v) for k, v in gt.items()}
-    with contextlib.redirect_stdout(io.StringIO()):
-        if evaluator == "pycocotools":
-            from pycocotools.coco import COCO
-            from pycocotools.cocoeval import COCOeval
-
-            coco_gt = COCO()
-            coco_gt.dataset = gt
-            coco_gt.createIndex()
-            for p in preds:
-                p["segmentation"]["counts"] = p["segmentation"]["counts"].encode("ascii")
-            ev = COCOeval(coco_gt, coco_gt.loadRes(preds), iou_type)
-        elif evaluator == "faster-coco-eval":
-            from faster_coco_eval import COCO, COCOeval_faster
-
-            coco_gt = COCO(gt, print_function=lambda *a, **k: None)
-            ev = COCOeval_faster(coco_gt, coco_gt.loadRes(preds), iou_type, print_function=lambda *a, **k: None)
-        else:
-            raise UserError(f"unknown evaluator {evaluator!r}; choose faster-coco-eval or pycocotools")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return np.asarray(ev.stats[:12], dtype=np.float64)
+    if evaluator == "pycocotools":  # its RLE decoder wants bytes
+        for p in preds:
+            p["segmentation"]["counts"] = p["segmentation"]["counts"].encode("ascii")
+    return np.asarray(run_cocoeval(gt, preds, iou_type, evaluator).stats[:12], dtype=np.float64)
 
 
 def evaluate_mask_map(detector: Detector, dataset: Dataset, batch_size: int = 8, config: DetectConfig | None = None,
