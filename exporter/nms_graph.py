@@ -158,6 +158,17 @@ def gather_rows(b: Builder, x, index, width: int, dtype=F32):
     return b.op("GatherElements", [x, idx], {"axis": 1}, dtype=dtype)
 
 
+def export_like(graph: gs.Graph, proto: onnx.ModelProto, opset_imports: list | None = None) -> onnx.ModelProto:
+    """The surgery's graph back to a checked ModelProto with ``proto``'s opsets (unless given), IR version and
+    producer. No yolo7_export metadata: facts travel as ModelInfo and the pipeline's finalize() writes it once."""
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph, opset_imports=list(proto.opset_import) if opset_imports is None else opset_imports)
+    model.ir_version = proto.ir_version
+    model.producer_name, model.producer_version = proto.producer_name, proto.producer_version
+    onnx.checker.check_model(model)  # an unregistered domain (TRT) is not schema-checked, the rest is
+    return model
+
+
 def finish_outputs(b: Builder, ok, slot, s, cls_f, anchor, cand_boxes) -> list:
     """The contract outputs from per-candidate tensors picked by ``slot`` [B,K] (None: already in output
     order); zeros (-1 for det_indices) where not ``ok``."""

@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from runtimes.contract import KPT_OUTPUT, NMS_INDICES, NMS_OUTPUTS, RAW_OUTPUT
 
 from .errors import UserError
-from .nms_graph import Builder
+from .nms_graph import Builder, export_like
 
 PREFIX = "kpts/"
 
@@ -73,13 +73,7 @@ def append_keypoints(proto: onnx.ModelProto, nc: int, nkpt: int) -> onnx.ModelPr
     lead = list(boxes.shape[:2]) if boxes.shape and len(boxes.shape) == 3 else ["batch", "K"]
     det_kpts.dtype, det_kpts.shape = f32, [*lead, nkpt, 3]
     graph.outputs = [outs[n] for n in (*NMS_OUTPUTS, NMS_INDICES)] + [det_kpts]
-    graph.cleanup().toposort()
-    model = gs.export_onnx(graph, opset_imports=list(proto.opset_import))
-    model.ir_version = proto.ir_version
-    model.producer_name, model.producer_version = proto.producer_name, proto.producer_version
-    # no yolo7_export metadata on this intermediate graph: facts travel as ModelInfo, finalize() writes it once
-    onnx.checker.check_model(model)
-    return model
+    return export_like(graph, proto)
 
 
 def pose_nms_options(nms, requested_mode: str):

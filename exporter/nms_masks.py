@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 from runtimes.contract import MASK_OUTPUTS, NMS_INDICES, NMS_OUTPUTS, PROTO_OUTPUT, RAW_OUTPUT
 
 from .errors import UserError
-from .nms_graph import Builder
+from .nms_graph import Builder, export_like
 
 PREFIX = "masks/"
 DET_MASKS, DET_COEFS = MASK_OUTPUTS
@@ -131,13 +131,7 @@ def append_masks(proto: onnx.ModelProto, nc: int, nm: int, imgsz: tuple[int, int
     det_masks.shape, det_coefs.shape = [*lead, hp, wp], [*lead, nm]
     keep = [outs[n] for n in (*NMS_OUTPUTS, NMS_INDICES)]
     graph.outputs = keep + [det_masks, det_coefs, outs[PROTO_OUTPUT]]
-    graph.cleanup().toposort()
-    model = gs.export_onnx(graph, opset_imports=list(proto.opset_import))
-    model.ir_version = proto.ir_version
-    model.producer_name, model.producer_version = proto.producer_name, proto.producer_version
-    # no yolo7_export metadata on this intermediate graph: facts travel as ModelInfo, finalize() writes it once
-    onnx.checker.check_model(model)
-    return model
+    return export_like(graph, proto)
 
 
 def seg_nms_options(nms, requested_mode: str):

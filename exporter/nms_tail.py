@@ -25,8 +25,8 @@ import onnx_graphsurgeon as gs
 from runtimes.contract import NMS_OUTPUTS, RAW_OUTPUT
 
 from .errors import UserError
-from .nms_graph import (BOOL, F32, FLOAT, I32, I64, INT32, INT64, MAX_TOPK, Builder, finish_outputs, gather_rows,
-                        ordered_top, pad_columns)
+from .nms_graph import (BOOL, F32, FLOAT, I32, I64, INT32, INT64, MAX_TOPK, Builder, export_like, finish_outputs,
+                        gather_rows, ordered_top, pad_columns)
 from .options import NmsOptions
 
 TRT_DOMAIN = "TRT"  # TensorRT's parser finds plugins by op type + plugin_version; "TRT" is the usual domain
@@ -98,17 +98,11 @@ def append_nms(proto: onnx.ModelProto, nms: NmsOptions, nc: int, *, keep_raw: bo
             t.dtype, t.shape = dt, shp
     # keep_raw keeps every raw-graph output (a seg graph's `protos` too), raw `output` first
     graph.outputs = outs + ([raw] + [t for t in graph.outputs if t is not raw] if keep_raw else [])
-    graph.cleanup().toposort()
     # explicit opset list: gs would otherwise append the plugin domain to the *input* model's list
     domains = [onnx.helper.make_opsetid(o.domain, o.version) for o in proto.opset_import if o.domain != TRT_DOMAIN]
     if nms.mode == "efficient":
         domains.append(onnx.helper.make_opsetid(TRT_DOMAIN, 1))
-    model = gs.export_onnx(graph, opset_imports=domains)
-    model.ir_version = proto.ir_version
-    model.producer_name, model.producer_version = proto.producer_name, proto.producer_version
-    # no yolo7_export metadata on this intermediate graph: facts travel as ModelInfo, finalize() writes it once
-    onnx.checker.check_model(model)  # an unregistered domain (TRT) is not schema-checked, the rest is
-    return model
+    return export_like(graph, proto, domains)
 
 
 def _boxes_and_scores(b: Builder, pred, nc: int, obj_only_single_class: bool = True):
