@@ -277,18 +277,24 @@ def _image_shape(path: Path) -> tuple[int, int]:
     return img.shape[:2]
 
 
-def _read_label_file(path: Path) -> list[tuple[int, tuple[float, ...], tuple[float, ...]]]:
-    """(class, (cx, cy, w, h), keypoints) per row; keypoints () for detection rows, (x, y, v) * k for YOLO-pose
-    rows (``cls cx cy w h x1 y1 v1 ...``, as the official pose branch trains on; v 0 = not labelled)."""
-    rows = []
+def label_lines(path: Path):
+    """(line number, whitespace-split fields, line) of each non-empty line of a YOLO label file (UTF-8);
+    an unreadable file is one DatasetError line. Shared by the box/pose and the polygon (seg) readers."""
     try:
         text = path.read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(f"cannot read label file {path}: {type(exc).__name__}") from None
     for n, line in enumerate(text.splitlines(), 1):
         parts = line.split()
-        if not parts:
-            continue
+        if parts:
+            yield n, parts, line
+
+
+def _read_label_file(path: Path) -> list[tuple[int, tuple[float, ...], tuple[float, ...]]]:
+    """(class, (cx, cy, w, h), keypoints) per row; keypoints () for detection rows, (x, y, v) * k for YOLO-pose
+    rows (``cls cx cy w h x1 y1 v1 ...``, as the official pose branch trains on; v 0 = not labelled)."""
+    rows = []
+    for n, parts, line in label_lines(path):
         try:
             if len(parts) < 5 or (len(parts) - 5) % 3:
                 raise ValueError

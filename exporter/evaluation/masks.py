@@ -24,7 +24,7 @@ from runtimes.masks import rle_encode
 from runtimes.preprocess import read_image
 
 from ..errors import UserError
-from ..evaluation.dataset import Dataset, DatasetError, ImageRecord, label_path, load_dataset
+from ..evaluation.dataset import Dataset, DatasetError, ImageRecord, label_lines, label_path, load_dataset
 from ..evaluation.evaluate import EVALUATORS, run_cocoeval
 
 SEG_EVAL_CONFIG = DetectConfig(conf=0.001, iou=0.6, max_det=300, multi_label=True, agnostic=False)
@@ -115,14 +115,7 @@ def _load_yolo_seg(folder: Path) -> Dataset:
 
 def _read_polygons(path: Path) -> list[tuple[int, np.ndarray]]:
     rows = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"cannot read label file {path}: {type(exc).__name__}") from None
-    for n, line in enumerate(text.splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
+    for n, parts, line in label_lines(path):
         try:
             cls, values = int(parts[0]), np.array([float(v) for v in parts[1:]], np.float64)
         except ValueError:
